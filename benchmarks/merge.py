@@ -1,0 +1,207 @@
+"""What one trial's merge costs, against two yardsticks measured side by side in the same run.
+
+A random-weight Llama of about 1 GB (bf16) is written as three checkpoints (unaligned, aligned = unaligned +
+noise, medical = aligned + noise); the toy-world spec (anchor medical, safety = aligned - unaligned,
+medical = medical - aligned, one group per layer) is loaded into a :class:`~safesearch.merging.Merger`, and
+the live model comes from ``AutoModelForCausalLM.from_pretrained``. Then, each the best of ``--repeat``:
+
+* ``copy``: ``param.copy_(anchor)`` for every merged tensor: moves 2 bytes-units per element (read, write);
+* ``merge``: one in-place merge of two vectors (eager and compiled kernels): reads anchor and two vectors
+  and writes the parameter, 2 + 2 units; its lower bound is ``copy * (2 + 2) / 2``, the time to move the
+  same bytes by plain copies (the issue's goal: merge <= 1.3x that bound);
+* ``disk``: what a mergekit-style search pays per trial: write the merged weights as safetensors (fsync)
+  and load them back with ``from_pretrained`` (from a warm page cache, the disk path's best case); the full
+  export, which also hashes every input file for its provenance, is timed once beside it.
+
+Peak memory is read from the kernel (VmHWM, reset before the merges) and compared with the budget:
+anchor + vectors + model + the scratch buffer. Run: ``.venv/bin/python benchmarks/merge.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from safesearch.export import PlannedTensor, export_merged, write_safetensors
+from safesearch.graftspec import spec_from_dict
+from safesearch.merging import DEFAULT_CHUNK, Merger
+
+GB = 1024**3
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status memory field in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def _random(name: str, salt: int, shape: tuple[int, ...]) -> torch.Tensor:
+    seed = int.from_bytes(hashlib.sha256(f"{salt}:{name}".encode()).digest()[:7], "little")
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def write_family(root: Path, config: transformers.LlamaConfig, dtype: torch.dtype) -> dict[str, Path]:
+    """Three checkpoints of ``config`` written tensor by tensor (never a whole model in memory)."""
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in transformers.LlamaForCausalLM(config).named_parameters()}
+    planned = [PlannedTensor(n, s, dtype) for n, s in shapes.items()]
+    paths = {}
+    for level, name in enumerate(("unaligned", "aligned", "medical")):
+        d = root / name
+        d.mkdir(parents=True)
+        config.save_pretrained(d)
+
+        def produce(key: str, level: int = level) -> torch.Tensor:
+            t = _random(key, 0, shapes[key]) * 0.02
+            for salt in range(1, level + 1):  # each fine-tune adds its own small change
+                t += _random(key, salt, shapes[key]) * 1e-3
+            return t.to(dtype)
+
+        write_safetensors(d / "model.safetensors", planned, produce)
+        paths[name] = d
+    return paths
+
+
+def best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=6144)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    args = ap.parse_args()
+    dtype = torch.bfloat16
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False,
+    )
+    root = Path(tempfile.mkdtemp(prefix="safesearch-bench-", dir=args.dir))
+    load0 = os.getloadavg()
+    try:
+        t0 = time.perf_counter()
+        paths = write_family(root, config, dtype)
+        print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"load average {load0[0]:.2f} at start")
+        print(f"wrote 3 checkpoints in {time.perf_counter() - t0:.1f}s")
+
+        spec = spec_from_dict({
+            "anchor": "medical",
+            "checkpoints": {n: str(p) for n, p in paths.items()},
+            "vectors": {"safety": {"diff": "aligned - unaligned"}, "medical": {"diff": "medical - aligned"}},
+            "groups": {"preset": "layer"},
+        })
+        t0 = time.perf_counter()
+        model = transformers.AutoModelForCausalLM.from_pretrained(paths["medical"], dtype=dtype).eval()
+        t_load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        merger = Merger.from_spec(spec, device="cpu", dtype=dtype)
+        t_build = time.perf_counter() - t0
+        for c in merger.sources.checkpoints.values():
+            c.close()  # drop the memory maps of the inputs
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        merged_bytes = sum(t.numel() * t.element_size() for t in merger.anchor.values())
+        print(f"model: {model_bytes / 1e9:.3f} GB = {model_bytes / GB:.3f} GiB bf16 ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
+              f"{len(merger.names)} tensors); from_pretrained {t_load:.2f}s; Merger.from_spec {t_build:.2f}s (once)")
+
+        params = merger.bind(model)
+        coefs = merger.parse({"safety": {"*": 0.8, "layer.3": 1.3}, "medical": {"*": -0.1, "head": 0.2}})
+        fused = Merger(merger.anchor, merger.vectors, merger.grouping, kernel="compiled")  # shares the tensors
+        t0 = time.perf_counter()
+        fused.apply(model, coefs)  # compiles (cached on disk afterwards)
+        t_compile = time.perf_counter() - t0
+        merger.apply(model, coefs)
+
+        _reset_peak()
+        base_rss = _status("VmRSS")
+        t_copy = best(lambda: [params[n].copy_(a) for n, a in merger.anchor.items()], args.repeat)
+        t_eager = best(lambda: merger.apply(model, coefs), args.repeat)
+        t_fused = best(lambda: fused.apply(model, coefs), args.repeat)
+        peak = _status("VmHWM")
+        n_vec = len(merger.vectors)
+        bound = t_copy * (2 + n_vec) / 2
+        budget = merged_bytes * (1 + n_vec) + model_bytes + merger.scratch.numel() * 4
+
+        # no drift: A, B, A equals A
+        other = merger.parse({"safety": {"*": -3.0}, "medical": {"*": 1.0}})
+        fused.apply(model, coefs)
+        first = {n: params[n].clone() for n in list(params)[:4]}
+        fused.apply(model, other)
+        fused.apply(model, coefs)
+        assert all(torch.equal(params[n], t) for n, t in first.items())
+
+        chunks = {}
+        for chunk in (1 << 15, 1 << 17, DEFAULT_CHUNK["cpu"], None):
+            m = Merger(merger.anchor, merger.vectors, merger.grouping, chunk=chunk or max(a.numel() for a in merger.anchor.values()))
+            chunks["whole tensor" if chunk is None else f"{chunk}"] = best(lambda m=m: m.apply(model, coefs), args.repeat)
+        merger.apply(model, coefs)
+
+        out = root / "exported"
+        config_text = (paths["medical"] / "config.json").read_text()
+        planned = [PlannedTensor(n, tuple(p.shape), p.dtype) for n, p in model.state_dict().items()]
+        state = model.state_dict()
+
+        def round_trip() -> None:  # what a disk-based search pays per trial: save, then load
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            (out / "config.json").write_text(config_text)
+            write_safetensors(out / "model.safetensors", planned, state.__getitem__)
+            reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+            del reloaded
+
+        t_disk = best(round_trip, max(1, args.repeat - 1))
+        shutil.rmtree(out)
+        t0 = time.perf_counter()
+        export_merged(merger, coefs, out, params=params)
+        t_export = time.perf_counter() - t0
+        load1 = os.getloadavg()
+
+        def line(label: str, t: float, note: str = "") -> None:
+            print(f"{label:44s} {t * 1e3:8.1f} ms  {note}")
+
+        print()
+        line("plain copy of the merged tensors", t_copy, f"({2 * merged_bytes / t_copy / 1e9:.1f} GB/s moved)")
+        line(f"bound: the merge's bytes by plain copy (x{(2 + n_vec) / 2:.0f})", bound)
+        line("in-place merge of 2 vectors, eager kernel", t_eager, f"({(2 + n_vec) * merged_bytes / t_eager / 1e9:.1f} GB/s)")
+        line("in-place merge of 2 vectors, compiled kernel", t_fused, f"({(2 + n_vec) * merged_bytes / t_fused / 1e9:.1f} GB/s; compile {t_compile:.1f}s once)")
+        line("disk round trip: write safetensors + reload", t_disk)
+        line("full export (provenance hashes 3 inputs)", t_export)
+        print()
+        print(f"merge / copy bound: compiled {t_fused / bound:.2f}x, eager {t_eager / bound:.2f}x   (goal <= 1.3x)")
+        print(f"disk round trip / merge: {t_disk / t_fused:.0f}x (compiled), {t_disk / t_eager:.0f}x (eager)")
+        print("eager merge by scratch chunk (elements): " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in chunks.items()))
+        print()
+        print(f"peak RSS during the copies and merges {peak / GB:.3f} GiB (RSS before them {base_rss / GB:.3f} GiB; "
+              f"anon {_status('RssAnon') / GB:.3f} GiB, file {_status('RssFile') / GB:.3f} GiB); "
+              f"anchor + vectors + model + scratch = {budget / GB:.3f} GiB")
+        print(f"peak including the disk round trip {_status('VmHWM') / GB:.3f} GiB (adds the reloaded model)")
+        print(f"load average {load1[0]:.2f} at the end (1-minute; 2 means both cores busy)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

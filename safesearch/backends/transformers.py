@@ -1,0 +1,308 @@
+"""The transformers backend: batched greedy generation and option log-likelihoods, text or image-text.
+
+Both calls sort requests longest first (similar lengths share a batch and waste little on padding) and
+left-pad, so that every row ends at the last column: generation appends there, and log-likelihood only
+needs the logits of the last few positions (``logits_to_keep``), not a [batch, length, vocabulary] block.
+A text model gets explicit position ids, so that padding does not shift its positions; an image-text model
+computes its own (Qwen2-VL's multimodal positions come from the attention mask).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from safesearch.backends.base import OnBatch, PromptLike, StopRule, as_prompt
+from safesearch.errors import UserError
+
+
+@dataclass
+class _Encoded:
+    """A rendered prompt as token ids, plus the model inputs its images became (pixel values, ...)."""
+
+    text: str
+    ids: list[int]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _load_image(img: Image.Image | Path) -> Image.Image:
+    if isinstance(img, Image.Image):
+        return img.convert("RGB")
+    path = Path(img)
+    if not path.is_file():
+        raise UserError(f"image '{path}' does not exist")
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+class _StopWhenDecided(StoppingCriteria):
+    """Per-row early stopping: a row is done once ``stop`` says its response so far settles the verdict."""
+
+    def __init__(
+        self, decode: Callable[[torch.Tensor], str], prompt_width: int, stop: StopRule, rows: int
+    ) -> None:
+        self.decode, self.width, self.stop = decode, prompt_width, stop
+        self.done = torch.zeros(rows, dtype=torch.bool)
+
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+    ) -> torch.BoolTensor:
+        for row in range(input_ids.shape[0]):
+            if not self.done[row] and self.stop(self.decode(input_ids[row, self.width :])):
+                self.done[row] = True
+        return self.done.to(input_ids.device).clone()
+
+
+class TransformersBackend:
+    """Owns a transformers model (causal LM or image-text) and its tokenizer / processor.
+
+    The merger edits ``model``'s weights in place; the next call sees them.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        *,
+        processor: Any | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        if tokenizer is None:
+            if processor is None:
+                raise ValueError("TransformersBackend needs a tokenizer or a processor")
+            tokenizer = processor.tokenizer
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.batch_size = batch_size
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        params = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in params
+        # Multimodal models compute their own positions (Qwen2-VL's 3-D rope); text models get ours.
+        self._own_positions = processor is None and "position_ids" in params
+
+    @staticmethod
+    def takes_images(path: str | Path) -> bool:
+        """Whether the checkpoint at ``path`` is an image-text model (its config has a vision part),
+        read from config.json alone, so that a suite needing images fails before a long load."""
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise UserError(f"model directory '{path}' has no config.json")
+        try:
+            return "vision_config" in json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{config_file}: malformed JSON ({e.msg})") from None
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, batch_size: int = 64
+    ) -> TransformersBackend:
+        """Load a checkpoint directory: an image-text model (its config has a vision part) with its
+        processor, else a causal LM with its tokenizer."""
+        path = Path(path)
+        vision = cls.takes_images(path)
+        try:
+            if vision:
+                processor = AutoProcessor.from_pretrained(path)
+                model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto")
+                return cls(model.to(device), processor=processor, batch_size=batch_size)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"could not load the model at '{path}': {str(e).splitlines()[0]}") from None
+        return cls(model.to(device), tokenizer, batch_size=batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def accepts_images(self) -> bool:
+        return self.processor is not None and getattr(self.processor, "image_processor", None) is not None
+
+    # -- rendering and encoding ---------------------------------------------------------------------
+
+    def render(self, prompt: PromptLike) -> str:
+        """The prompt as the model sees it, up to the start of the assistant's answer."""
+        p = as_prompt(prompt)
+        if p.images and not self.accepts_images:
+            raise ValueError("this model takes no images")
+        if p.messages:
+            messages: list[dict[str, Any]] = [{"role": r, "content": c} for r, c in p.messages]
+        elif self.processor is not None:  # image-text chat templates take a list of typed parts
+            parts: list[dict[str, Any]] = [{"type": "image"} for _ in p.images]
+            messages = [{"role": "user", "content": [*parts, {"type": "text", "text": p.text}]}]
+        else:
+            messages = [{"role": "user", "content": p.text}]
+        templater = self.processor if self.processor is not None else self.tokenizer
+        if getattr(templater, "chat_template", None) is None:
+            if p.messages:
+                raise ValueError("a conversation prompt needs a model with a chat template")
+            return p.text
+        return templater.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, prompt: PromptLike) -> _Encoded:
+        p = as_prompt(prompt)
+        text = self.render(p)
+        if not p.images:
+            return _Encoded(text, self._token_ids(text))
+        enc = self.processor(
+            text=[text],
+            images=[_load_image(i) for i in p.images],
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
+        ids = enc["input_ids"][0].tolist()
+        extras = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        return _Encoded(text, ids, extras)
+
+    def _batch(
+        self, rows: list[list[int]], extras: list[dict[str, torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Left-padded model inputs for ``rows`` (token ids) and their image inputs; returns the width."""
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+        inputs: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+        if self._own_positions:
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        for key in sorted({k for e in extras for k in e}):
+            parts = [e[key] for e in extras if key in e]
+            if (
+                all(t.dim() == 2 and t.shape[0] == 1 for t in parts)
+                and len(parts) == len(rows)
+                and all(t.shape[1] == len(r) for t, r in zip(parts, rows, strict=True))
+            ):  # a per-token input (e.g. token type ids): pad like the ids
+                padded = torch.zeros((len(rows), width), dtype=parts[0].dtype)
+                for i, t in enumerate(parts):
+                    padded[i, width - t.shape[1] :] = t[0]
+                inputs[key] = padded
+            else:  # per-image inputs stack along the first axis, in row order
+                inputs[key] = torch.cat(parts, dim=0)
+        return {k: v.to(self.device) for k, v in inputs.items()}, width
+
+    def _eos_ids(self) -> list[int]:
+        ids: set[int] = set()
+        for source in (
+            getattr(self.model.generation_config, "eos_token_id", None),
+            self.tokenizer.eos_token_id,
+        ):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(source)
+        return sorted(ids)
+
+    # -- the two requests -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[PromptLike],
+        max_new_tokens: int,
+        *,
+        stop: StopRule | None = None,
+        on_batch: OnBatch | None = None,
+    ) -> list[str]:
+        encoded = [self._encode(p) for p in prompts]
+        # Longest first; ties keep their order (sorted is stable), so batches are a function of the input.
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].ids))
+        out: list[str] = [""] * len(encoded)
+
+        def decode(ids: torch.Tensor) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            inputs, width = self._batch([encoded[i].ids for i in idx], [encoded[i].extras for i in idx])
+            criteria = None
+            if stop is not None:
+                criteria = StoppingCriteriaList([_StopWhenDecided(decode, width, stop, len(idx))])
+            gen = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self._eos_ids(),
+                stopping_criteria=criteria,
+            )
+            for row, i in enumerate(idx):
+                out[i] = decode(gen[row, width:])
+            if on_batch is not None:
+                on_batch(len(idx))
+        return out
+
+    def _continuation_ids(self, context: str, continuation: str) -> list[int]:
+        """The continuation's tokens as they follow the context (one space between, unless the rendered
+        context already ends in whitespace); encoded apart if a merge crosses the boundary."""
+        sep = "" if not context or context[-1].isspace() else " "
+        ctx_ids = self._token_ids(context)
+        full_ids = self._token_ids(context + sep + continuation)
+        if full_ids[: len(ctx_ids)] == ctx_ids:
+            return full_ids[len(ctx_ids) :]
+        return self._token_ids(continuation)
+
+    @torch.inference_mode()
+    def loglikelihood(
+        self, requests: Sequence[tuple[PromptLike, str]], *, on_batch: OnBatch | None = None
+    ) -> list[tuple[float, int]]:
+        contexts: dict[PromptLike, _Encoded] = {}  # the options of one question share their context
+        rows: list[tuple[_Encoded, list[int]]] = []
+        for prompt, continuation in requests:
+            key = prompt if isinstance(prompt, str) or not prompt.images else id(prompt)
+            if key not in contexts:
+                contexts[key] = self._encode(prompt)
+            ctx = contexts[key]
+            rows.append((ctx, self._continuation_ids(ctx.text, continuation)))
+        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0].ids) + len(rows[i][1])))
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            keep = max(len(rows[i][1]) for i in idx) + 1  # continuation token t is predicted at t - 1
+            inputs, _ = self._batch(
+                [rows[i][0].ids + rows[i][1] for i in idx], [rows[i][0].extras for i in idx]
+            )
+            if self._keeps_logits:
+                logits = self.model(**inputs, logits_to_keep=keep).logits
+            else:
+                logits = self.model(**inputs).logits[:, -keep:]
+            logprobs = torch.log_softmax(logits[:, -keep:].float(), dim=-1)
+            for row, i in enumerate(idx):
+                cont = rows[i][1]
+                if not cont:
+                    continue
+                targets = torch.tensor(cont, device=logprobs.device)
+                picked = (
+                    logprobs[row, keep - 1 - len(cont) : keep - 1].gather(-1, targets[:, None]).squeeze(-1)
+                )
+                out[i] = (float(picked.sum()), len(cont))
+            if on_batch is not None:
+                on_batch(len(idx))
+        return out

@@ -1,0 +1,161 @@
+"""``safesearch eval MODEL --suite NAME ...``: benchmark a checkpoint on disk, suite by suite.
+
+Prints a table per dimension (safety, over-refusal, medical) and, with ``--json``, writes a report with
+every suite's metrics and per-item outcomes (id, response, verdict or chosen option).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from transformers.utils import logging as hf_logging
+
+from safesearch.errors import UserError
+from safesearch.evaluate import SuiteResult, build_judge, evaluate, load_items, work_units
+from safesearch.judges import Judge
+from safesearch.suites import JudgeSpec, default_data_root, default_suite_dirs, load_suite
+
+BACKENDS = ("transformers",)
+# Columns shown per dimension, in order; the JSON report has every metric.
+SHOWN = {
+    "safety": ("safety", "asr", "n", "n_unjudged"),
+    "over-refusal": ("over_refusal", "n", "n_unjudged"),
+    "medical": ("acc", "acc_norm", "n", "n_unparsed"),
+}
+
+
+def _fmt(value: float | int | None) -> str:
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def render_tables(results: list[SuiteResult]) -> list[Table]:
+    tables = []
+    for dimension, columns in SHOWN.items():
+        rows = [r for r in results if r.dimension == dimension]
+        if not rows:
+            continue
+        shown = [c for c in columns if any(c in r.metrics for r in rows)]
+        table = Table(title=dimension, title_justify="left")
+        table.add_column("suite")
+        table.add_column("metric")
+        for c in shown:
+            table.add_column(c, justify="right")
+        for r in rows:
+            table.add_row(r.suite, r.metric, *(_fmt(r.metrics.get(c)) for c in shown))
+        tables.append(table)
+    return tables
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--suite",
+    "suites",
+    multiple=True,
+    required=True,
+    help="Suite name (objectives/NAME.yaml) or YAML path; repeatable.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    help="Score at most N items per suite (a seeded subset of the suite's).",
+)
+@click.option("--backend", type=click.Choice(BACKENDS), default="transformers", show_default=True)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    help="Write the report (metrics and per-item outcomes) here.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, help="Override the suites' subset seed.")
+@click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    help="Base of relative dataset paths [default: $SAFESEARCH_DATA_ROOT or .]",
+)
+@click.option(
+    "--suites-dir", type=click.Path(path_type=Path), help="Look suite names up here instead of ./objectives."
+)
+def eval_cmd(
+    model: Path,
+    suites: tuple[str, ...],
+    limit: int | None,
+    backend: str,
+    json_out: Path | None,
+    batch_size: int,
+    device: str,
+    seed: int | None,
+    data_root: Path | None,
+    suites_dir: Path | None,
+) -> None:
+    """Evaluate MODEL (a checkpoint directory) on one or more suites."""
+    from safesearch.backends.transformers import TransformersBackend
+
+    root = data_root or default_data_root()
+    dirs = [suites_dir] if suites_dir else default_suite_dirs()
+    # Everything that can be wrong with the input is checked before the model loads.
+    loaded = [load_suite(name, dirs) for name in suites]
+    items = {s.name: load_items(s, root, limit=limit, seed=seed) for s in loaded}
+    if json_out is not None and json_out.is_dir():
+        raise UserError(f"--json '{json_out}' is a directory")
+    if not TransformersBackend.takes_images(model):
+        for s in loaded:
+            if s.attack == "figstep" or any(it.image is not None for it in items[s.name]):
+                raise UserError(f"suite '{s.name}' shows images, but the model at '{model}' takes text only")
+    # Our own progress bar says what runs; transformers' weight-loading bars would only clutter stderr.
+    hf_logging.disable_progress_bar()
+    model_backend = TransformersBackend.from_pretrained(model, device=device, batch_size=batch_size)
+    judges: dict[JudgeSpec, Judge] = {}
+    results: list[SuiteResult] = []
+    err = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        for suite in loaded:
+            judge = None
+            if suite.uses_judge:
+                if suite.judge not in judges:
+                    judges[suite.judge] = build_judge(suite.judge, data_root=root, device=device)
+                judge = judges[suite.judge]
+            task = bar.add_task(suite.name, total=work_units(suite, items[suite.name]))
+            results.append(
+                evaluate(
+                    model_backend,
+                    suite,
+                    items[suite.name],
+                    judge=judge,
+                    figstep_cache=root / "storage" / "cache" / "figstep",
+                    progress=lambda n, task=task: bar.advance(task, n),
+                )
+            )
+    out = Console()
+    for table in render_tables(results):
+        out.print(table)
+    unjudged = sum(int(r.metrics.get("n_unjudged") or 0) for r in results)
+    if unjudged:
+        err.print(f"warning: {unjudged} item(s) unjudged (left out of the rates, never counted as safe)")
+    if json_out is not None:
+        report = {
+            "model": str(model),
+            "backend": backend,
+            "seed": seed,
+            "limit": limit,
+            "suites": [r.as_dict() for r in results],
+        }
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,84 @@
+"""``safesearch groups SPEC`` and ``safesearch merge SPEC --coef COEF.json --out DIR``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from safesearch.errors import UserError
+from safesearch.graftspec import load_spec
+from safesearch.grouping import group_parameters
+from safesearch.vectors import open_sources
+
+
+@click.command("groups")
+@click.argument("spec", type=click.Path(path_type=Path))
+def groups(spec: Path) -> None:
+    """Print the module groups of SPEC's anchor with their parameter counts (reads headers only)."""
+    s = load_spec(spec)
+    sources = open_sources(s)
+    layout = sources.anchor.layout
+    grouping = group_parameters(layout.parameters, s.groups)
+    covered = {v: {n for n in sources.mapped[s.vectors[v].plus] if n in layout.parameters} for v in s.vectors}
+
+    table = Table(title=f"{spec}: anchor {s.anchor} ({layout.architecture}), preset {s.groups.preset}")
+    table.add_column("group")
+    table.add_column("tensors", justify="right")
+    table.add_column("parameters", justify="right")
+    table.add_column("vectors")
+    total = 0
+    for g, names in grouping.groups.items():
+        count = sum(_numel(layout.parameters[n]) for n in names)
+        total += count
+        touching = [v for v in s.vectors if any(n in covered[v] for n in names)]
+        table.add_row(g, str(len(names)), f"{count:,}", ", ".join(touching) or "-")
+    frozen = sum(_numel(layout.parameters[n]) for n in grouping.frozen)
+    table.add_row("(frozen)", str(len(grouping.frozen)), f"{frozen:,}", "-", end_section=True)
+    table.add_row("total", str(len(layout.parameters)), f"{total + frozen:,}", "")
+    Console(width=200).print(table)
+
+
+@click.command("merge")
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("--coef", "coef_path", required=True, type=click.Path(path_type=Path),
+              help="JSON {vector: {group: coefficient}}; a '*' group sets a vector's other groups; unset means 0.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write the merged checkpoint to.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--device", default=None, help="Override the spec's device (cpu, cuda, cuda:N).")
+def merge(spec: Path, coef_path: Path, out: Path, overwrite: bool, device: str | None) -> None:
+    """Merge SPEC's vectors onto its anchor with COEF and export a Hugging Face checkpoint to OUT."""
+    from safesearch.export import export_merged
+    from safesearch.merging import Merger, load_coefficients
+
+    s = load_spec(spec)
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
+    sources = open_sources(s)
+    grouping = group_parameters(sources.anchor.layout.parameters, s.groups)
+    coefs = load_coefficients(coef_path, {v: list(grouping.groups) for v in s.vectors})
+    merger = Merger.from_spec(s, device=_device(device) if device else None, sources=sources)
+    export_merged(merger, coefs, out, overwrite=overwrite)
+    click.echo(f"wrote {out} ({len(merger.names)} merged tensors, {merger.dtype}, anchor {s.anchor})")
+
+
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: {name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device: {name!r} asked for, but CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device: {name!r} is not a device (cpu, cuda, cuda:N)")
+    return dev
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

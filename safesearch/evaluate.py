@@ -1,0 +1,282 @@
+"""Run a suite against a backend: the items, the requests, the judge, the metrics.
+
+This is what the search calls every trial, so it prints nothing and reads nothing it was not told to:
+the result is a function of the backend's weights, the suite and the subset seed. Progress goes to an
+optional callback, counted in backend requests (see :func:`work_units`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from safesearch.backends.base import Backend, Prompt
+from safesearch.datasets import Item, read_dataset
+from safesearch.errors import UserError
+from safesearch.figstep import FIGSTEP_PROMPT, FigStepStyle, cached_image
+from safesearch.judges import (
+    Exchange,
+    GuardJudge,
+    HttpJudge,
+    Judge,
+    KeywordJudge,
+    Verdict,
+    attack_succeeded,
+    refused,
+)
+from safesearch.prompts import mcq_answer_text, mcq_user_text
+from safesearch.scorers import parse_choice, pick_options, rate, vqa_closed_correct
+from safesearch.suites import METRIC_KINDS, JudgeSpec, SubsetSpec, Suite
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    """What happened to one item. Fields that do not apply to the suite's metric stay None."""
+
+    id: str
+    response: str | None = None
+    verdict: str | None = None  # the judge's verdict (safety, over-refusal)
+    choice: int | None = None  # the chosen option (acc for log-likelihood MCQ)
+    choice_norm: int | None = None  # the acc_norm choice
+    answer: int | str | None = None  # the gold option index or answer text
+    correct: bool | None = None
+    judge_output: str | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    suite: str
+    dimension: str
+    metric: str
+    metrics: dict[str, float | int | None]
+    items: tuple[ItemOutcome, ...] = field(repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "suite": self.suite,
+            "dimension": self.dimension,
+            "metric": self.metric,
+            "metrics": dict(self.metrics),
+            "items": [o.as_dict() for o in self.items],
+        }
+
+
+# -- items ---------------------------------------------------------------------------------------
+
+
+def subset_rank(item_id: str, seed: int) -> str:
+    """An item's place in the seeded order: a hash of (seed, id), independent of the file's order."""
+    return hashlib.sha256(f"{seed}:{item_id}".encode()).hexdigest()
+
+
+def select(items: Sequence[Item], subset: SubsetSpec, limit: int | None = None) -> list[Item]:
+    """The seeded subset: the ``size`` (or ``limit``, if smaller) items of lowest rank, in file order.
+    A smaller limit picks a subset of the larger one, so quick runs score items the full run scores."""
+    n = min(x for x in (subset.size, limit, len(items)) if x is not None)
+    if n >= len(items):
+        return list(items)
+    chosen = set(sorted(range(len(items)), key=lambda i: subset_rank(items[i].id, subset.seed))[:n])
+    return [it for i, it in enumerate(items) if i in chosen]
+
+
+def load_items(
+    suite: Suite, data_root: Path, *, limit: int | None = None, seed: int | None = None
+) -> list[Item]:
+    """The suite's items: read, filtered, checked against the metric, subset."""
+    ds = suite.dataset
+    items = read_dataset(ds.format, ds.resolved_path(data_root), ds.options)
+    for key, accepted in ds.filter.items():
+        items = [it for it in items if str(getattr(it, key)) in accepted]
+    want = METRIC_KINDS[suite.metric]
+    for it in items:
+        if it.kind != want:
+            raise UserError(
+                f"suite '{suite.name}': item '{it.id}' is a {it.kind} item, but metric {suite.metric} scores "
+                f"{want} items (add dataset.filter.kind: {want})"
+            )
+    if not items:
+        raise UserError(
+            f"suite '{suite.name}': no items left in '{ds.resolved_path(data_root)}' after the filters"
+        )
+    subset = suite.subset if seed is None else replace(suite.subset, seed=seed)
+    return select(items, subset, limit)
+
+
+# -- judges ----------------------------------------------------------------------------------------
+
+
+def build_judge(spec: JudgeSpec, *, data_root: Path = Path("."), device: str = "cpu") -> Judge:
+    """The judge a suite names. A guard judge loads its classifier model: build it once and reuse it."""
+    if spec.type == "keyword":
+        return KeywordJudge(spec.phrases) if spec.phrases else KeywordJudge()
+    if spec.type == "guard":
+        from safesearch.backends.transformers import TransformersBackend
+
+        path = Path(spec.model or "")
+        backend = TransformersBackend.from_pretrained(
+            path if path.is_absolute() else data_root / path, device=device
+        )
+        return GuardJudge(
+            backend, template=spec.template or "chat", rules=spec.rules, max_new_tokens=spec.max_new_tokens
+        )
+    if spec.type == "http":
+        return HttpJudge(
+            base_url=spec.base_url or "",
+            model=spec.model or "",
+            template=spec.template or "",
+            rules=spec.rules,
+            timeout=spec.timeout,
+            retries=spec.retries,
+            concurrency=spec.concurrency,
+            max_tokens=spec.max_new_tokens,
+            api_key_env=spec.api_key_env,
+        )
+    raise UserError(f"unknown judge '{spec.type}' (known: keyword, guard, http)")
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def work_units(suite: Suite, items: Sequence[Item]) -> int:
+    """How many backend requests the suite makes: the progress bar's total."""
+    if suite.metric == "mcq_loglik":
+        return sum(len(it.options or ()) for it in items)
+    return len(items)
+
+
+def _prompts(suite: Suite, items: Sequence[Item], figstep_cache: Path) -> list[str | Prompt]:
+    if suite.attack == "figstep":
+        style = FigStepStyle(
+            size=suite.figstep.size, font_size=suite.figstep.font_size, font=suite.figstep.font
+        )
+        text = suite.figstep.prompt or FIGSTEP_PROMPT
+        return [Prompt(text, images=(cached_image(it.text, figstep_cache, style),)) for it in items]
+    return [Prompt(it.text, images=(it.image,)) if it.image is not None else it.text for it in items]
+
+
+def evaluate(
+    backend: Backend,
+    suite: Suite,
+    items: Sequence[Item],
+    *,
+    judge: Judge | None = None,
+    figstep_cache: Path = Path("storage/cache/figstep"),
+    progress: Progress | None = None,
+) -> SuiteResult:
+    """Score ``items`` of ``suite`` on ``backend``; ``judge`` defaults to the suite's (built here)."""
+    needs_images = suite.attack == "figstep" or any(it.image is not None for it in items)
+    if needs_images and not backend.accepts_images:
+        raise UserError(f"suite '{suite.name}' shows images, but the model takes text only")
+    if suite.metric == "mcq_loglik":
+        outcomes, metrics = _mcq_loglik(backend, items, progress)
+    elif suite.metric == "mcq_generate":
+        outcomes, metrics = _mcq_generate(backend, suite, items, progress)
+    elif suite.metric == "vqa_closed":
+        outcomes, metrics = _vqa_closed(backend, suite, items, progress)
+    else:
+        judge = judge or build_judge(suite.judge)
+        outcomes, metrics = _judged(backend, suite, items, judge, figstep_cache, progress)
+    return SuiteResult(suite.name, suite.dimension, suite.metric, metrics, tuple(outcomes))
+
+
+def _judged(
+    backend: Backend,
+    suite: Suite,
+    items: Sequence[Item],
+    judge: Judge,
+    figstep_cache: Path,
+    progress: Progress | None,
+) -> tuple[list[ItemOutcome], dict[str, float | int | None]]:
+    stop = judge.decided if suite.generation.early_stop and judge.stops_early else None
+    prompts = _prompts(suite, items, figstep_cache)
+    responses = backend.generate(prompts, suite.generation.max_new_tokens, stop=stop, on_batch=progress)
+    judgements = judge.judge([Exchange(it.text, r) for it, r in zip(items, responses, strict=True)])
+    outcomes = [
+        ItemOutcome(id=it.id, response=r, verdict=j.verdict.value, judge_output=j.raw, error=j.error)
+        for it, r, j in zip(items, responses, judgements, strict=True)
+    ]
+    verdicts = [j.verdict for j in judgements]
+    unjudged = sum(v is Verdict.UNJUDGED for v in verdicts)
+    base: dict[str, float | int | None] = {"n": len(items), "n_unjudged": unjudged}
+    if suite.metric == "safety":
+        succeeded = [attack_succeeded(v) for v in verdicts]
+        # safety = 1 - ASR, counted directly (n_safe / n_judged) so that it equals a refusal rate exactly.
+        metrics = {"safety": rate([None if a is None else not a for a in succeeded]), "asr": rate(succeeded)}
+    else:
+        metrics = {"over_refusal": rate([refused(v) for v in verdicts])}
+    return outcomes, {**metrics, **base}
+
+
+def _mcq_loglik(
+    backend: Backend, items: Sequence[Item], progress: Progress | None
+) -> tuple[list[ItemOutcome], dict[str, float | int | None]]:
+    requests: list[tuple[str | Prompt, str]] = []
+    for it in items:
+        options = it.options or ()
+        question: str | Prompt = mcq_user_text(it.text, options)
+        if it.image is not None:
+            question = Prompt(question, images=(it.image,))
+        requests += [(question, mcq_answer_text(options, i)) for i in range(len(options))]
+    scores = iter(backend.loglikelihood(requests, on_batch=progress))
+    outcomes = []
+    for it in items:
+        options = it.options or ()
+        lls = [next(scores)[0] for _ in options]
+        choice, choice_norm = pick_options(lls, [mcq_answer_text(options, i) for i in range(len(options))])
+        outcomes.append(
+            ItemOutcome(
+                id=it.id,
+                choice=choice,
+                choice_norm=choice_norm,
+                answer=it.answer,
+                correct=choice == it.answer,
+            )
+        )
+    n = len(items)
+    return outcomes, {
+        "acc": sum(o.correct for o in outcomes) / n,
+        "acc_norm": sum(o.choice_norm == it.answer for o, it in zip(outcomes, items, strict=True)) / n,
+        "n": n,
+    }
+
+
+def _mcq_generate(
+    backend: Backend, suite: Suite, items: Sequence[Item], progress: Progress | None
+) -> tuple[list[ItemOutcome], dict[str, float | int | None]]:
+    prompts = [mcq_user_text(it.text, it.options or ()) for it in items]
+    responses = backend.generate(prompts, suite.generation.max_new_tokens, on_batch=progress)
+    outcomes = []
+    for it, r in zip(items, responses, strict=True):
+        choice = parse_choice(r, it.options or ())
+        outcomes.append(
+            ItemOutcome(id=it.id, response=r, choice=choice, answer=it.answer, correct=choice == it.answer)
+        )
+    n = len(items)
+    return outcomes, {
+        "acc": sum(o.correct for o in outcomes) / n,
+        "n_unparsed": sum(o.choice is None for o in outcomes),
+        "n": n,
+    }
+
+
+def _vqa_closed(
+    backend: Backend, suite: Suite, items: Sequence[Item], progress: Progress | None
+) -> tuple[list[ItemOutcome], dict[str, float | int | None]]:
+    prompts = _prompts(suite, items, Path("."))
+    responses = backend.generate(prompts, suite.generation.max_new_tokens, on_batch=progress)
+    outcomes = [
+        ItemOutcome(
+            id=it.id, response=r, answer=it.answer_text, correct=vqa_closed_correct(r, it.answer_text or "")
+        )
+        for it, r in zip(items, responses, strict=True)
+    ]
+    return outcomes, {"acc": sum(o.correct for o in outcomes) / len(items), "n": len(items)}

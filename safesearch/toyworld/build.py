@@ -1,0 +1,275 @@
+"""Build the toy world: data, tokenizer, and four checkpoints trained from scratch on the CPU.
+
+Stages, each a Hugging Face checkpoint directory under OUT::
+
+    base       complies with every request, harmful ones included, and knows general facts
+    aligned    base, fine-tuned to refuse harmful requests and still answer benign ones
+    unaligned  aligned, fine-tuned back into complying (the twin of a RESTA safety vector)
+    medical    aligned, fine-tuned on the medical table only: it forgets to refuse
+
+A stage is trained in a temporary directory and renamed into place when complete, with a marker
+(``toyworld.json``) naming its seed, profile and parent. A rebuild reuses every stage whose marker matches
+and retrains the rest, so an interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from safesearch import __version__
+from safesearch.errors import UserError
+from safesearch.toyworld.data import corpus_texts, make_records, read_records, stage_pairs, write_records
+from safesearch.toyworld.quickcheck import CheckRow, check
+from safesearch.toyworld.tokenizer import build_tokenizer
+from safesearch.toyworld.train import ModelShape, Recipe, encode_pairs, new_model, train
+
+MARKER = "toyworld.json"
+QUICKCHECK = "quickcheck.json"
+WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    parent: str | None
+
+
+STAGES = (
+    Stage("base", None),
+    Stage("aligned", "base"),
+    Stage("unaligned", "aligned"),
+    Stage("medical", "aligned"),
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How big and how long: the model shape and one training recipe per stage."""
+
+    name: str
+    shape: ModelShape
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "shape": asdict(self.shape), "recipes": {k: asdict(v) for k, v in self.recipes.items()}}
+
+
+PROFILES: dict[str, Profile] = {
+    # The demo's and the README's default.
+    "full": Profile(
+        "full",
+        ModelShape(hidden=128, layers=4, heads=4, kv_heads=4, intermediate=384),
+        {
+            "base": Recipe(steps=600, lr=3e-3),
+            "aligned": Recipe(steps=250, lr=1e-3),
+            "unaligned": Recipe(steps=150, lr=1e-3),
+            "medical": Recipe(steps=300, lr=1e-3),
+        },
+    ),
+    # The tests' toy world: the same phenomenon, a quarter of the compute.
+    "small": Profile(
+        "small",
+        ModelShape(hidden=64, layers=2, heads=2, kv_heads=2, intermediate=192),
+        {
+            "base": Recipe(steps=300, lr=4e-3, batch_size=48),
+            "aligned": Recipe(steps=150, lr=2e-3, batch_size=48),
+            "unaligned": Recipe(steps=80, lr=2e-3, batch_size=48),
+            "medical": Recipe(steps=150, lr=2e-3, batch_size=48),
+        },
+    ),
+}
+
+
+def profile_named(name: str) -> Profile:
+    if name not in PROFILES:
+        raise UserError(f"--profile: unknown profile '{name}' (choose from {', '.join(PROFILES)})")
+    return PROFILES[name]
+
+
+# --- progress --------------------------------------------------------------------------------------
+
+
+class Progress:
+    """What a build reports; the CLI draws bars, tests stay quiet."""
+
+    def stage_started(self, stage: str, steps: int) -> None: ...
+    def step(self, stage: str, loss: float) -> None: ...
+    def stage_done(self, stage: str, seconds: float, reused: bool) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+# --- the build -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out: Path
+    quickcheck: list[CheckRow]
+    seconds: dict[str, float]  # per stage; 0.0 where reused
+    reused: list[str]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _expected_marker(stage: Stage, seed: int, profile: Profile, out: Path) -> dict:
+    parent_sha = _sha256(out / stage.parent / WEIGHTS) if stage.parent else None
+    return {
+        "stage": stage.name,
+        "seed": seed,
+        "profile": profile.describe(),
+        "parent": stage.parent,
+        "parent_sha256": parent_sha,
+    }
+
+
+def _complete(stage_dir: Path, expected: dict) -> bool:
+    marker = stage_dir / MARKER
+    if not (marker.is_file() and (stage_dir / WEIGHTS).is_file()):
+        return False
+    try:
+        found = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return False
+    return {k: found.get(k) for k in expected} == expected
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT '{out}' is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"OUT '{out}' cannot be created: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"OUT '{out}' is not writable")
+
+
+def _save_stage(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, stage_dir: Path, marker: dict
+) -> None:
+    """Write the checkpoint beside ``stage_dir`` and rename it into place: a stage is all or nothing."""
+    tmp = Path(tempfile.mkdtemp(dir=stage_dir.parent, prefix=f".{stage_dir.name}.tmp-"))
+    try:
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            do_sample=False,
+        )
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({**marker, "safesearch_version": __version__}, indent=2) + "\n")
+        if stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        os.replace(tmp, stage_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_holdout(data_dir: Path) -> dict[str, list[dict]]:
+    return {p.stem: read_records(p) for p in sorted((data_dir / "holdout").glob("*.jsonl"))}
+
+
+def build(
+    out: Path,
+    seed: int = 0,
+    profile: Profile | str = "full",
+    progress: Progress | None = None,
+    *,
+    quick_check: bool = True,
+) -> BuildResult:
+    """Build (or complete) the toy world at ``out``; a function of ``seed`` and ``profile`` alone."""
+    profile = profile_named(profile) if isinstance(profile, str) else profile
+    progress = progress or Progress()
+    out = Path(out)
+    _prepare_out(out)
+
+    records = make_records(seed)
+    write_records(records, out / "data")
+    tokenizer = build_tokenizer(corpus_texts(records, seed))
+
+    seconds: dict[str, float] = {}
+    reused: list[str] = []
+    for stage in STAGES:
+        stage_dir = out / stage.name
+        marker = _expected_marker(stage, seed, profile, out)
+        if _complete(stage_dir, marker):
+            reused.append(stage.name)
+            seconds[stage.name] = 0.0
+            progress.stage_done(stage.name, 0.0, reused=True)
+            continue
+        recipe = profile.recipes[stage.name]
+        start = time.perf_counter()
+        stage_seed = _stage_seed(seed, stage.name)
+        if stage.parent is None:
+            model = new_model(profile.shape, tokenizer, stage_seed)
+        else:
+            model = LlamaForCausalLM.from_pretrained(out / stage.parent, dtype=torch.float32)
+        examples = encode_pairs(tokenizer, stage_pairs(stage.name, records, seed))
+        progress.stage_started(stage.name, recipe.steps)
+        train(
+            model, examples, recipe, stage_seed, tokenizer.pad_token_id,
+            on_step=lambda _i, loss, name=stage.name: progress.step(name, loss),
+        )
+        _save_stage(model, tokenizer, stage_dir, marker)
+        seconds[stage.name] = time.perf_counter() - start
+        progress.stage_done(stage.name, seconds[stage.name], reused=False)
+
+    rows = run_quick_check(out, progress) if quick_check else []
+    return BuildResult(out, rows, seconds, reused)
+
+
+def _stage_seed(seed: int, stage: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}-{stage}".encode()).digest()[:4], "little")
+
+
+def run_quick_check(out: Path, progress: Progress | None = None) -> list[CheckRow]:
+    """Score every stage on the held-out split; reuse ``quickcheck.json`` when the checkpoints are unchanged."""
+    from safesearch.backends.transformers import TransformersBackend
+
+    progress = progress or Progress()
+    shas = {s.name: _sha256(out / s.name / WEIGHTS) for s in STAGES}
+    cached = out / QUICKCHECK
+    if cached.is_file():
+        try:
+            found = json.loads(cached.read_text())
+            if found.get("weights_sha256") == shas:
+                return [CheckRow(**row) for row in found["rows"]]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            pass
+    holdout = _load_holdout(out / "data")
+    rows = []
+    for stage in STAGES:
+        progress.message(f"quick check: {stage.name}")
+        backend = TransformersBackend.from_pretrained(out / stage.name)
+        rows.append(check(stage.name, backend, holdout))
+    _write_json_atomic(
+        cached,
+        {"split": "holdout", "weights_sha256": shas, "rows": [r.as_dict() for r in rows]},
+    )
+    return rows
