@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import transformers
+
 from safesearch import __version__
 from safesearch.errors import UserError
 from safesearch.toyworld.data import corpus_texts, make_records, read_records, stage_pairs, write_records
@@ -183,9 +185,16 @@ def _save_stage(
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({**marker, "safesearch_version": __version__}, indent=2) + "\n")
-        if stage_dir.exists():
-            shutil.rmtree(stage_dir)
-        os.replace(tmp, stage_dir)
+        for _ in range(3):
+            try:
+                os.replace(tmp, stage_dir)
+                return
+            except OSError:  # an earlier, incomplete stage is in the way, or a concurrent build finished first
+                if _complete(stage_dir, marker):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return
+                shutil.rmtree(stage_dir, ignore_errors=True)
+        raise UserError(f"cannot move the finished stage into '{stage_dir}'")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -205,6 +214,7 @@ def build(
 ) -> BuildResult:
     """Build (or complete) the toy world at ``out``; a function of ``seed`` and ``profile`` alone."""
     profile = profile_named(profile) if isinstance(profile, str) else profile
+    transformers.utils.logging.disable_progress_bar()  # our bars, not one per load and save
     progress = progress or Progress()
     out = Path(out)
     _prepare_out(out)
