@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,6 +102,7 @@ def export_merged(
     overwrite: bool = False,
     params: Mapping[str, torch.Tensor] | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    extra_provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the merge of ``coefs`` as a checkpoint directory at ``out`` and return its path.
 
@@ -171,6 +173,7 @@ def export_merged(
                 name: {"path": str(c.path), "sha256": c.sha256()} for name, c in sources.checkpoints.items()
             },
             "outputs": {"sha256": written},
+            **dict(extra_provenance or {}),
         }
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
         _replace(tmp, out, overwrite)

@@ -30,6 +30,19 @@ def _register() -> None:
     cli.add_command(graft.merge)
     cli.add_command(eval.eval_cmd)
 
+    from safesearch.cli import dashboard
+
+    cli.add_command(dashboard.dashboard)
+
+    from safesearch.cli import study
+
+    cli.add_command(study.study_group)
+    cli.add_command(study.worker)
+    cli.add_command(study.run)
+    cli.add_command(study.pareto)
+    cli.add_command(study.validate)
+    cli.add_command(study.export)
+
 
 _register()
 

@@ -1,21 +1,134 @@
-"""``safesearch demo``: the main job on the embedded default (the toy world in ``storage/``)."""
+"""``safesearch demo``: the whole job on the embedded default, start to finish.
+
+1. the toy world in ``<storage>/toyworld`` (built, or reused when complete);
+2. ``studies/toy.yaml`` on SQLite at ``<storage>/safesearch.db`` (its checkpoints and data pointed at that
+   world), worked until it has its trials, the front shown as it grows;
+3. the front beside the baselines, and its plot;
+4. validation: the front, the baselines and the graft's checkpoints re-scored on the holdout split;
+5. the knee trial exported to ``<storage>/exports/<study>-trial-<N>``;
+6. what to open next: the dashboard, the plot, the export.
+
+Every step reuses what an earlier run left (complete checkpoints, trials, holdout scores, the export).
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import click
+import yaml
 from rich.console import Console
+from rich.panel import Panel
 
 from safesearch.cli.toyworld import build_and_report
+from safesearch.errors import UserError
+from safesearch.studyspec import StudySpec, study_spec_from_dict
 
 DEFAULT_STORAGE = Path("storage")
+TOY_STUDY = Path("studies") / "toy.yaml"
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def toy_study_path() -> Path:
+    """``studies/toy.yaml`` of the working directory, else of the source tree the package runs from."""
+    for candidate in (Path.cwd() / TOY_STUDY, _REPO / TOY_STUDY):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{TOY_STUDY}: not found in {Path.cwd()} or {_REPO} (run the demo from the repository)")
+
+
+def suite_root(storage: Path) -> Path:
+    """A data root under which ``storage/toyworld/data/...`` (the toy suites' paths) is ``storage``'s world."""
+    storage = storage.resolve()
+    if storage.name == "storage":
+        return storage.parent
+    root = storage / ".suite-root"
+    link = root / "storage" / "toyworld"
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(storage / "toyworld", target_is_directory=True)
+    return root
+
+
+def demo_spec(storage: Path, seed: int, template: Path | None = None) -> StudySpec:
+    """The toy study, its checkpoints and data those of the world in ``storage/toyworld``, seeded ``seed``."""
+    from safesearch.graftspec import load_spec, spec_from_dict
+
+    template = template or toy_study_path()
+    data: dict[str, Any] = yaml.safe_load(template.read_text(encoding="utf-8"))
+    graft = data["graft"]
+    graft_spec = (
+        load_spec(template.parent / graft) if isinstance(graft, str) else spec_from_dict(graft, template.parent)
+    )
+    graft_dict = graft_spec.to_dict()
+    world = (storage / "toyworld").resolve()
+    for name, ckpt in graft_dict["checkpoints"].items():
+        ckpt["path"] = str(world / name)
+    base = data.get("name", template.stem)
+    data.update(graft=graft_dict, data_root=str(suite_root(storage)), seed=seed,
+                name=base if seed == 0 else f"{base}-seed{seed}")
+    return study_spec_from_dict(data, base_dir=template.parent, where=str(template))
 
 
 @click.command("demo")
 @click.option("--storage", type=click.Path(path_type=Path), default=DEFAULT_STORAGE, show_default=True,
-              help="Where the toy world and the local store live.")
-@click.option("--seed", type=int, default=0, show_default=True)
+              help="Where the toy world, the study database, the artifacts and the export live.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the toy world and of the sampler.")
 def demo(storage: Path, seed: int) -> None:
-    """Build the toy world (or reuse it) and print its quick check."""
-    build_and_report(storage / "toyworld", seed, "full", Console())
+    """The whole demo: toy world, the toy study on SQLite, its front, validation, export of the knee."""
+    from safesearch.cli.study import (
+        _directions,
+        _front_table,
+        export_trial,
+        pareto_report,
+        run_study,
+        validate_study,
+    )
+    from safesearch.pareto import records
+    from safesearch.storage import load_study
+
+    console = Console()
+    t0 = time.perf_counter()
+    console.rule("1. the toy world")
+    build_and_report(storage / "toyworld", seed, "full", console)
+
+    console.rule("2. the study")
+    spec = demo_spec(storage, seed)
+    db = storage / "safesearch.db"
+    url = f"sqlite:///{db}"
+    run_study(spec, url, None, None, console)
+
+    console.rule("3. validation on the holdout split")
+    validate_study(spec.name, url, None, console=console)
+
+    console.rule("4. the front")
+    report = pareto_report(spec.name, url, None)
+    study = load_study(url, spec.name)
+    console.print(_front_table(records(study), _directions(spec), f"study {spec.name}: Pareto front (*) and baselines",
+                               references=report["references"]))
+    console.print("picks: " + ", ".join(f"{k} = trial {v}" for k, v in report["picks"].items()))
+
+    console.rule("5. export of the knee trial")
+    knee = report["picks"]["knee"]
+    out = storage / "exports" / f"{spec.name}-trial-{knee}"
+    if out.exists():
+        console.print(f"{out} is there already (trial {knee}); kept")
+    else:
+        export_trial(spec.name, url, out, trial=knee)
+        console.print(f"exported trial {knee} to {out}")
+
+    minutes = (time.perf_counter() - t0) / 60
+    console.print(Panel.fit(
+        "\n".join([
+            f"[bold]open next[/]  (demo took {minutes:.1f} min)",
+            f"  dashboard:  safesearch dashboard --storage {url}   (then http://127.0.0.1:8080/dashboard)",
+            f"  the front:  safesearch pareto {spec.name} --storage {url}",
+            f"  its plot:   {report['plot']}",
+            f"  the model:  {out}  (safesearch.json: study, trial, search and holdout scores)",
+            f"  score it:   safesearch eval {out} --suite toy-harmful-general --suite toy-mcq-medical "
+            f"--data-root {spec.data_root}",
+        ]),
+        title="safesearch demo", border_style="green",
+    ))

@@ -21,7 +21,7 @@ from safesearch.evaluate import SuiteResult, build_judge, evaluate, load_items, 
 from safesearch.judges import Judge
 from safesearch.suites import JudgeSpec, default_data_root, default_suite_dirs, load_suite
 
-BACKENDS = ("transformers",)
+BACKENDS = ("transformers", "vllm")
 # Columns shown per dimension, in order; the JSON report has every metric.
 SHOWN = {
     "safety": ("safety", "asr", "n", "n_unjudged"),
@@ -76,7 +76,14 @@ def render_tables(results: list[SuiteResult]) -> list[Table]:
     help="Write the report (metrics and per-item outcomes) here.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="transformers' device (vLLM uses its platform's).")
+@click.option(
+    "--vllm-option",
+    "vllm_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A vllm.LLM engine argument for --backend vllm (YAML value), e.g. max_model_len=4096; repeatable.",
+)
 @click.option("--seed", type=int, help="Override the suites' subset seed.")
 @click.option(
     "--data-root",
@@ -94,6 +101,7 @@ def eval_cmd(
     json_out: Path | None,
     batch_size: int,
     device: str,
+    vllm_options: tuple[str, ...],
     seed: int | None,
     data_root: Path | None,
     suites_dir: Path | None,
@@ -114,7 +122,12 @@ def eval_cmd(
                 raise UserError(f"suite '{s.name}' shows images, but the model at '{model}' takes text only")
     # Our own progress bar says what runs; transformers' weight-loading bars would only clutter stderr.
     hf_logging.disable_progress_bar()
-    model_backend = TransformersBackend.from_pretrained(model, device=device, batch_size=batch_size)
+    if backend == "vllm":
+        from safesearch.backends.vllm import VLLMBackend, parse_options
+
+        model_backend = VLLMBackend.from_pretrained(model, **parse_options(vllm_options, "--vllm-option"))
+    else:
+        model_backend = TransformersBackend.from_pretrained(model, device=device, batch_size=batch_size)
     judges: dict[JudgeSpec, Judge] = {}
     results: list[SuiteResult] = []
     err = Console(stderr=True)
@@ -143,6 +156,8 @@ def eval_cmd(
                     progress=lambda n, task=task: bar.advance(task, n),
                 )
             )
+    if backend == "vllm":
+        model_backend.close()  # the engine runs in this process: free it before the report
     out = Console()
     for table in render_tables(results):
         out.print(table)

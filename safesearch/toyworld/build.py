@@ -24,9 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
 import transformers
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from safesearch import __version__
 from safesearch.errors import UserError
@@ -62,9 +61,6 @@ class Profile:
     shape: ModelShape
     recipes: dict[str, Recipe] = field(default_factory=dict)
 
-    def describe(self) -> dict:
-        return {"name": self.name, "shape": asdict(self.shape), "recipes": {k: asdict(v) for k, v in self.recipes.items()}}
-
 
 PROFILES: dict[str, Profile] = {
     # The demo's and the README's default.
@@ -86,7 +82,7 @@ PROFILES: dict[str, Profile] = {
             "base": Recipe(steps=300, lr=4e-3, batch_size=48),
             "aligned": Recipe(steps=150, lr=2e-3, batch_size=48),
             "unaligned": Recipe(steps=80, lr=2e-3, batch_size=48),
-            "medical": Recipe(steps=150, lr=2e-3, batch_size=48),
+            "medical": Recipe(steps=300, lr=3e-3, batch_size=48),
         },
     ),
 }
@@ -131,10 +127,12 @@ def _sha256(path: Path) -> str:
 
 def _expected_marker(stage: Stage, seed: int, profile: Profile, out: Path) -> dict:
     parent_sha = _sha256(out / stage.parent / WEIGHTS) if stage.parent else None
+    # What the stage's weights are a function of: a change elsewhere in the profile does not retrain it.
     return {
         "stage": stage.name,
         "seed": seed,
-        "profile": profile.describe(),
+        "shape": asdict(profile.shape),
+        "recipe": asdict(profile.recipes[stage.name]),
         "parent": stage.parent,
         "parent_sha256": parent_sha,
     }

@@ -1,0 +1,498 @@
+"""The search commands: ``study create``, ``worker``, ``run``, ``pareto``, ``validate``, ``export``.
+
+A study lives in the storage (``--storage URL``, else ``$SAFESEARCH_STORAGE``, else
+``sqlite:///storage/safesearch.db``) and keeps its spec, so that everything after ``create`` names it
+by its study name alone. Workers on other machines start with the same spec file and a PostgreSQL URL;
+``--artifacts`` (or ``$SAFESEARCH_ARTIFACTS``) then names a shared directory for the responses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from safesearch.errors import UserError
+from safesearch.pareto import PICKS, TrialRecord, front, pick, plot_front, records
+from safesearch.studyspec import StudySpec, load_study_spec
+
+STORAGE_HELP = "Study storage (default: $SAFESEARCH_STORAGE or sqlite:///storage/safesearch.db)."
+ARTIFACTS_HELP = "Artifact store for the trials' responses (default: next to a SQLite file, else storage/artifacts)."
+storage_option = click.option("--storage", "storage_url", default=None, metavar="URL", help=STORAGE_HELP)
+artifacts_option = click.option("--artifacts", type=click.Path(path_type=Path), default=None, metavar="DIR",
+                                help=ARTIFACTS_HELP)
+device_option = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the spec's).")
+backend_option = click.option("--backend", type=click.Choice(["transformers", "vllm"]), default=None,
+                              help="The backend of this worker (default: the spec's).")
+
+
+def _with_backend(spec: StudySpec, backend: str | None) -> StudySpec:
+    """The spec served with ``--backend``: the spec's backend_options belong to its own backend and are dropped."""
+    from dataclasses import replace
+
+    if backend is None or backend == spec.backend:
+        return spec
+    return replace(spec, backend=backend, backend_options={})
+
+
+def _quiet_transformers() -> None:
+    import optuna
+    from transformers.utils import logging as hf_logging
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _fmt(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+# -- the study -------------------------------------------------------------------------------------------
+
+
+def _setup(spec_path: StudySpec | Path, storage_url: str | None, *, sampler_seed: int | None = None,
+           create: bool = True, heartbeat_s: int | None = None, grace_s: int | None = None):
+    """Spec, storage, search space and study (created with its baselines, or joined).
+
+    ``heartbeat_s``/``grace_s``: the storage heartbeat (default: safesearch.storage's, 60 s / twice that)."""
+    from safesearch.search import build_space, ensure_study, groups_of, prepare_tasks, search_refs
+    from safesearch.storage import DEFAULT_HEARTBEAT_INTERVAL, open_storage
+
+    _quiet_transformers()
+    spec = spec_path if isinstance(spec_path, StudySpec) else load_study_spec(spec_path)
+    # Read every suite's items now: a missing data file is reported before anything is created.
+    prepare_tasks(search_refs(spec), spec.data_root)
+    space = build_space(spec, *groups_of(spec))
+    storage = open_storage(storage_url, heartbeat_interval=heartbeat_s or DEFAULT_HEARTBEAT_INTERVAL,
+                           grace_period=grace_s)
+    study, created = ensure_study(spec, storage, space, sampler_seed=sampler_seed, create=create)
+    return spec, storage, space, study, created
+
+
+def _describe(spec: StudySpec, space: Any, created: bool, storage: Any, console: Console) -> None:
+    from safesearch.storage import mask_url
+
+    n_base = len(space.baseline_params(spec))
+    verb = "created" if created else "joined"
+    objectives = ", ".join(f"{o.name} ({o.direction})" for o in spec.objectives)
+    console.print(
+        f"{verb} study [bold]{spec.name}[/] in {mask_url(storage.url)}: {len(space.params)} parameters, "
+        f"objectives {objectives}, sampler {spec.sampler.name}, {spec.n_trials} trials"
+        + (f" ({n_base} baselines enqueued)" if created else "")
+    )
+
+
+@click.group("study")
+def study_group() -> None:
+    """Create studies (see also: worker, run, pareto, validate, export)."""
+
+
+@study_group.command("create")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@storage_option
+def create(spec_path: Path, storage_url: str | None) -> None:
+    """Create the study of SPEC (or join it if it exists with the same spec), baselines enqueued."""
+    console = Console(stderr=True)
+    spec, storage, space, study, created = _setup(spec_path, storage_url)
+    _describe(spec, space, created, storage, console)
+
+
+def _worker_seed(spec: StudySpec, created: bool) -> int:
+    # The creator samples with the spec's seed (a single `run` is reproducible); other workers are
+    # seeded apart so that parallel workers do not propose the same points.
+    return spec.seed if created else spec.seed + 1 + os.getpid() % 100_000
+
+
+def _trial_line(outcome: Any, n_done: int, n_trials: int) -> str:
+    scores = " ".join(f"{k}={v:.3f}" for k, v in outcome.scores.items())
+    tag = f" [{outcome.baseline}]" if outcome.baseline else ""
+    s = outcome.seconds
+    return (f"trial {outcome.number}{tag}: {scores}  (merge {s['merge']:.2f}s, eval {s['eval']:.1f}s)"
+            f"  study {n_done}/{n_trials}")
+
+
+def _open_worker(spec: StudySpec, storage_url: str | None, device: str | None, artifacts: Path | None, space: Any):
+    from safesearch.search import open_worker
+    from safesearch.storage import artifact_store_for
+
+    _quiet_transformers()
+    store = artifact_store_for(storage_url, artifacts)
+    return open_worker(spec, device=device, artifact_store=store, space=space)
+
+
+def _complete_count(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+@click.command("worker")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@storage_option
+@click.option("--n-trials", type=click.IntRange(min=1), default=None,
+              help="Run at most N trials here (the worker stops anyway once the study has its n_trials).")
+@device_option
+@artifacts_option
+@backend_option
+@click.option("--seed", type=int, default=None, help="Sampler seed of this worker (default: spread per worker).")
+@click.option("--heartbeat", "heartbeat_s", type=click.IntRange(min=1), default=None, metavar="SECONDS",
+              help="Heartbeat interval of this worker's trials (default: 60).")
+@click.option("--heartbeat-grace", "grace_s", type=click.IntRange(min=1), default=None, metavar="SECONDS",
+              help="A trial without a heartbeat for this long is failed and retried (default: twice the interval).")
+def worker(spec_path: Path, storage_url: str | None, n_trials: int | None, device: str | None,
+           artifacts: Path | None, backend: str | None, seed: int | None, heartbeat_s: int | None,
+           grace_s: int | None) -> None:
+    """Join the study of SPEC (creating it if needed) and serve trials until it has its n_trials."""
+    console = Console(stderr=True)
+    spec, storage, space, study, created = _setup(spec_path, storage_url, sampler_seed=seed,
+                                                  heartbeat_s=heartbeat_s, grace_s=grace_s)
+    if seed is None and not created:
+        study.sampler = _reseeded(spec, _worker_seed(spec, created))
+    _describe(spec, space, created, storage, console)
+    w = _open_worker(_with_backend(spec, backend), storage_url, device, artifacts, space)
+    try:
+        done = w.work(
+            study, spec.n_trials, max_trials=n_trials,
+            on_trial=lambda o: console.print(_trial_line(o, _complete_count(study), spec.n_trials), highlight=False),
+        )
+    finally:
+        w.close()
+    console.print(f"worker done: {done} trials here; the study has {_complete_count(study)}/{spec.n_trials} complete")
+
+
+def _reseeded(spec: StudySpec, seed: int) -> Any:
+    from safesearch.search import make_sampler
+
+    return make_sampler(spec, seed)
+
+
+def _front_table(rs: Sequence[TrialRecord], directions: dict[str, str], title: str, *, all_baselines: bool = True,
+                 references: dict[str, dict] | None = None) -> Table:
+    """Front trials (*) and baselines; each score as ``search`` or, once validated, ``search / holdout``;
+    a constraint that fails is marked ``!``; the graft's checkpoints (holdout only) at the bottom."""
+    fr = front(rs, directions)
+    on_front = {r.number for r in fr}
+    shown = sorted({*on_front, *(r.number for r in rs if r.baseline and all_baselines)})
+    by_number = {r.number: r for r in rs}
+    cons = sorted({k for r in rs for k in r.constraint_scores})
+    validated = any(r.holdout for r in rs) or bool(references)
+    table = Table(title=title, title_justify="left",
+                  caption="search / holdout" if validated else None, caption_justify="left")
+    for name in ("trial", "", "baseline", *directions, *cons):
+        table.add_column(name, justify="right" if name not in ("", "baseline") else "left")
+
+    def cell(search: Any, holdout: Any) -> str:
+        return f"{_fmt(search)} / {_fmt(holdout)}" if validated else _fmt(search)
+
+    for number in shown:
+        r = by_number[number]
+        h = r.holdout or {}
+        row = [str(r.number), "*" if number in on_front else "", r.baseline or ""]
+        row += [cell(r.scores.get(n), h.get("scores", {}).get(n)) for n in directions]
+        row += [cell(r.constraint_scores.get(c), h.get("constraint_scores", {}).get(c))
+                + ("" if r.constraints.get(c, 0) <= 0 else " !") for c in cons]
+        table.add_row(*row)
+    for name, h in (references or {}).items():
+        row = ["", "", escape(f"[{name}]")]
+        row += [cell(None, h.get("scores", {}).get(n)) for n in directions]
+        row += [cell(None, h.get("constraint_scores", {}).get(c)) for c in cons]
+        table.add_row(*row)
+    return table
+
+
+def _directions(spec: StudySpec) -> dict[str, str]:
+    return {o.name: o.direction for o in spec.objectives}
+
+
+@click.command("run")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(path_type=Path))
+@storage_option
+@device_option
+@artifacts_option
+@backend_option
+def run(spec_path: Path, storage_url: str | None, device: str | None, artifacts: Path | None,
+        backend: str | None) -> None:
+    """Create the study of SPEC and work on it until it has its trials, showing the current front."""
+    console = Console(stderr=True)
+    run_study(_with_backend(load_study_spec(spec_path), backend) if backend else spec_path, storage_url, device,
+              artifacts, console)
+
+
+def run_study(spec_path: StudySpec | Path, storage_url: str | None, device: str | None, artifacts: Path | None,
+              console: Console) -> tuple[StudySpec, Any]:
+    """Create (or join) the study and work on it until it has its trials; the front shown as it grows."""
+    spec, storage, space, study, created = _setup(spec_path, storage_url)
+    if _complete_count(study) >= spec.n_trials:
+        console.print(f"study {spec.name} already has its {spec.n_trials} trials")
+        return spec, study
+    _describe(spec, space, created, storage, console)
+    w = _open_worker(spec, storage_url, device, artifacts, space)
+    directions = _directions(spec)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console)
+    task = progress.add_task(f"study {spec.name}", total=spec.n_trials, completed=_complete_count(study), last="")
+
+    def view() -> Group:
+        rs = records(study)
+        return Group(progress, _front_table(rs, directions, "current front", all_baselines=False))
+
+    try:
+        with Live(view(), console=console, refresh_per_second=4, transient=False) as live:
+            def on_trial(o: Any) -> None:
+                scores = " ".join(f"{k}={v:.3f}" for k, v in o.scores.items())
+                progress.update(task, completed=_complete_count(study),
+                                last=f"trial {o.number}{' [' + o.baseline + ']' if o.baseline else ''}: {scores}")
+                live.update(view())
+
+            w.work(study, spec.n_trials, on_trial=on_trial)
+    finally:
+        w.close()
+    rs = records(study)
+    console.print(_front_table(rs, directions, f"study {spec.name}: Pareto front (*) and baselines"))
+    return spec, study
+
+
+# -- reading a study -------------------------------------------------------------------------------------
+
+
+def _load(study_name: str, storage_url: str | None):
+    from safesearch.search import stored_spec
+    from safesearch.storage import load_study, open_storage
+
+    _quiet_transformers()
+    storage = open_storage(storage_url, heartbeat_interval=None)
+    study = load_study(storage, study_name)
+    return stored_spec(study), study, storage
+
+
+def _references(study: Any) -> dict[str, dict]:
+    from safesearch.search import HOLDOUT_CHECKPOINT
+
+    return {k[len(HOLDOUT_CHECKPOINT):]: v for k, v in study.user_attrs.items() if k.startswith(HOLDOUT_CHECKPOINT)}
+
+
+def default_plot_path(storage_url: str | None, study_name: str) -> Path:
+    from safesearch.storage import is_sqlite, resolve_url, sqlite_path
+
+    url = resolve_url(storage_url)
+    db = sqlite_path(url) if is_sqlite(url) else None
+    return (db.parent if db is not None else Path("storage")) / "plots" / f"{study_name}-pareto.png"
+
+
+def pareto_report(study_name: str, storage_url: str | None, plot: Path | None) -> dict[str, Any]:
+    """The front, the baselines, the references, and the plot's path, as plain data."""
+    spec, study, _ = _load(study_name, storage_url)
+    directions = _directions(spec)
+    rs = records(study)
+    if not rs:
+        raise UserError(f"study {study_name!r}: no completed trial yet")
+    fr = front(rs, directions)
+    refs = _references(study)
+    plot = plot or default_plot_path(storage_url, study_name)
+    plot_front(rs, directions, plot, f"study {study_name}: {len(rs)} trials", references={
+        k: v.get("scores", {}) for k, v in refs.items()})
+    return {
+        "study": study_name,
+        "directions": directions,
+        "n_complete": len(rs),
+        "front": [r.as_dict() for r in fr],
+        "baselines": [r.as_dict() for r in rs if r.baseline],
+        "picks": {p: pick(rs, directions, p).number for p in PICKS},
+        "references": refs,
+        "plot": str(plot),
+    }
+
+
+@click.command("pareto")
+@click.argument("study_name", metavar="STUDY")
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print the front, baselines and picks as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="Where the PNG goes (default: plots/STUDY-pareto.png next to the SQLite file, else storage/plots).")
+def pareto(study_name: str, storage_url: str | None, as_json: bool, plot: Path | None) -> None:
+    """The Pareto trials of STUDY with their scores beside the baselines, and a PNG of the front."""
+    report = pareto_report(study_name, storage_url, plot)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    spec, study, _ = _load(study_name, storage_url)
+    console = Console()
+    rs = records(study)
+    console.print(_front_table(rs, _directions(spec), f"study {study_name}: Pareto front (*) and baselines",
+                               references=report["references"]))
+    console.print("picks: " + ", ".join(f"{k} = trial {v}" for k, v in report["picks"].items()))
+    console.print(f"plot: {report['plot']}")
+
+
+# -- validation ------------------------------------------------------------------------------------------
+
+
+def validate_study(study_name: str, storage_url: str | None, device: str | None, *, references: bool = True,
+                   force: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Re-score the front and the baselines (and the checkpoints the vectors add) on the holdout splits.
+
+    Stored as study user attrs ``holdout.trial.<N>`` / ``holdout.checkpoint.<name>``; ones already there
+    are kept unless ``force`` (the scores are a function of the weights and the items)."""
+    from safesearch.backends.transformers import TransformersBackend
+    from safesearch.grafted import open_grafted
+    from safesearch.search import (
+        HOLDOUT_CHECKPOINT,
+        HOLDOUT_TRIAL,
+        holdout_refs,
+        holdout_scores,
+        prepare_tasks,
+    )
+
+    console = console or Console(stderr=True)
+    spec, study, _ = _load(study_name, storage_url)
+    directions = _directions(spec)
+    rs = records(study)
+    todo = sorted({r.number for r in front(rs, directions)} | {r.number for r in rs if r.baseline})
+    attrs = study.user_attrs
+    if not force:
+        todo = [n for n in todo if f"{HOLDOUT_TRIAL}{n}" not in attrs]
+    # References: the checkpoints the vectors add (aligned, medical), the yardsticks of the front. The
+    # anchor's scores are the zero baseline's when there is one (the very same weights).
+    zero = next((r.number for r in rs if r.baseline == "zero"), None)
+    wanted = list(dict.fromkeys(v.plus for v in spec.graft.vectors.values())) if references else []
+    ckpts = [c for c in wanted if force or f"{HOLDOUT_CHECKPOINT}{c}" not in attrs]
+    from_zero = [c for c in ckpts if c == spec.graft.anchor and zero is not None]
+    ckpts = [c for c in ckpts if c not in from_zero]
+    if from_zero and zero not in todo and f"{HOLDOUT_TRIAL}{zero}" not in attrs:
+        todo.append(zero)
+    _quiet_transformers()
+    dev = device or spec.device
+    tasks = prepare_tasks(holdout_refs(spec), spec.data_root, device="cpu" if dev in (None, "auto") else dev)
+    by_number = {r.number: r for r in rs}
+    out: dict[str, Any] = {}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        bar = progress.add_task(f"validate {study_name} on holdout", total=len(todo) + len(ckpts))
+        if todo:
+            grafted = open_grafted(spec.graft, backend=spec.backend, device=dev, options=spec.backend_options)
+            try:
+                for n in todo:
+                    grafted.apply(by_number[n].coefficients)
+                    h = holdout_scores(spec, grafted.backend, tasks)
+                    study.set_user_attr(f"{HOLDOUT_TRIAL}{n}", h)
+                    out[f"trial {n}"] = h
+                    progress.advance(bar)
+            finally:
+                grafted.close()
+        for name in from_zero:
+            h = study.user_attrs[f"{HOLDOUT_TRIAL}{zero}"] if f"trial {zero}" not in out else out[f"trial {zero}"]
+            study.set_user_attr(f"{HOLDOUT_CHECKPOINT}{name}", h)
+            out[f"checkpoint {name}"] = h
+        for name in ckpts:
+            backend = TransformersBackend.from_pretrained(
+                spec.graft.checkpoints[name].path, device="cpu" if dev in (None, "auto") else dev)
+            h = holdout_scores(spec, backend, tasks)
+            study.set_user_attr(f"{HOLDOUT_CHECKPOINT}{name}", h)
+            out[f"checkpoint {name}"] = h
+            progress.advance(bar)
+    return out
+
+
+@click.command("validate")
+@click.argument("study_name", metavar="STUDY")
+@storage_option
+@device_option
+@click.option("--no-references", is_flag=True, help="Skip scoring the checkpoints the vectors add (aligned, medical).")
+@click.option("--force", is_flag=True, help="Re-score trials already validated.")
+def validate(study_name: str, storage_url: str | None, device: str | None, no_references: bool, force: bool) -> None:
+    """Re-score the Pareto trials and the baselines of STUDY on the holdout splits; stored in the study."""
+    console = Console(stderr=True)
+    done = validate_study(study_name, storage_url, device, references=not no_references, force=force,
+                          console=console)
+    spec, study, _ = _load(study_name, storage_url)
+    console.print(f"validated {len(done)} (trials and checkpoints) on holdout")
+    Console().print(_front_table(records(study), _directions(spec), f"study {study_name}: search and holdout",
+                                 references=_references(study)))
+
+
+# -- export ----------------------------------------------------------------------------------------------
+
+
+def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: int | None = None,
+                 pick_how: str | None = None, device: str | None = None, overwrite: bool = False) -> tuple[Path, int]:
+    """Export a completed trial's merge as a checkpoint; its ``safesearch.json`` names the study and trial
+    and carries the search (and holdout) scores."""
+    from optuna.trial import TrialState
+
+    from safesearch.export import export_merged
+    from safesearch.merging import Merger
+    from safesearch.search import FINGERPRINT_ATTR
+    from safesearch.storage import mask_url
+
+    if (trial is None) == (pick_how is None):
+        raise UserError("export: give either --trial N or --pick " + "|".join(PICKS))
+    spec, study, storage = _load(study_name, storage_url)
+    directions = _directions(spec)
+    if pick_how is not None:
+        number = pick(records(study), directions, pick_how).number
+    else:
+        all_trials = study.get_trials(deepcopy=False)
+        if not 0 <= trial < len(all_trials):  # type: ignore[operator]
+            span = f"trials 0-{len(all_trials) - 1}" if all_trials else "no trials"
+            raise UserError(f"--trial {trial}: study {study_name!r} has no such trial ({span})")
+        number = trial  # type: ignore[assignment]
+    frozen = study.get_trials(deepcopy=False)[number]
+    if frozen.state != TrialState.COMPLETE:
+        raise UserError(f"--trial {number}: trial {number} of study {study_name!r} is {frozen.state.name}, "
+                        "not COMPLETE; only completed trials export")
+    record = next(r for r in records(study) if r.number == number)
+    merger = Merger.from_spec(spec.graft, device=device or "cpu",
+                              kernel=spec.backend_options.get("kernel", "eager"))
+    coefs = merger.parse(record.coefficients, where=f"trial {number}'s coefficients")
+    provenance = {
+        "study": {
+            "name": study_name,
+            "storage": mask_url(storage.url),
+            "trial": number,
+            "pick": pick_how,
+            "baseline": record.baseline,
+            "fingerprint": study.user_attrs.get(FINGERPRINT_ATTR),
+            "directions": directions,
+            "params": dict(frozen.params),
+            "search_scores": record.scores,
+            "constraint_scores": record.constraint_scores,
+            "feasible": record.feasible,
+            "suites": record.suites,
+            "holdout": record.holdout,
+        }
+    }
+    path = export_merged(merger, coefs, out, overwrite=overwrite, extra_provenance=provenance)
+    return path, number
+
+
+@click.command("export")
+@click.argument("study_name", metavar="STUDY")
+@click.option("--trial", type=int, default=None, help="The trial number to export.")
+@click.option("--pick", "pick_how", type=click.Choice(PICKS), default=None, help="Pick a trial of the front.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The checkpoint directory to write.")
+@storage_option
+@device_option
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export(study_name: str, trial: int | None, pick_how: str | None, out: Path, storage_url: str | None,
+           device: str | None, overwrite: bool) -> None:
+    """Export a trial of STUDY (by number or picked from the front) as a Hugging Face checkpoint."""
+    t0 = time.perf_counter()
+    path, number = export_trial(study_name, storage_url, out, trial=trial, pick_how=pick_how, device=device,
+                                overwrite=overwrite)
+    print(f"exported trial {number} of study {study_name} to {path} in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)

@@ -1,0 +1,511 @@
+"""The search: a study's trials, each one merge in place plus one evaluation, told to Optuna.
+
+A worker holds one :class:`~safesearch.grafted.GraftedModel` (anchor and vectors resident, loaded once)
+and the items of every suite it scores (read once). Per trial: ask (:func:`safesearch.storage.next_trial`,
+which keeps the study at exactly ``n_trials`` COMPLETE trials however many workers race), suggest the
+coefficients (:class:`SearchSpace`), merge them in place (``grafted.apply``), score the suites on the
+search split, record, tell. What a trial records:
+
+- user attrs ``scores`` (objective -> value on the search split), ``constraint_scores`` (constraint ->
+  value), ``suites`` (suite@split -> its metrics), ``coefficients`` (the whole table), ``merge_s``,
+  ``eval_s``, ``worker``; a baseline also ``baseline`` (``zero``, ``lambda=0.5``);
+- its constraints through ``trial.set_constraint`` (<= 0 is feasible), which Optuna's samplers read;
+- an artifact ``responses-<trial>.json``: every item's response, verdict or chosen option.
+
+Optuna's values are the objectives in the spec's order, or, for ``cmaes-weighted``, their weighted sum
+(minimised objectives negated): the front is always read from the ``scores`` attr (:mod:`safesearch.pareto`).
+
+The study keeps its spec (user attr ``spec``, paths absolute) and a fingerprint of its search space; a
+worker with a different spec is refused, and ``validate``/``export`` need nothing but the study's name.
+Holdout scores (``safesearch validate``) are study user attrs ``holdout.trial.<N>`` (a finished trial
+takes no more attrs) and ``holdout.checkpoint.<name>`` for the graft's checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import upload_artifact
+from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
+from optuna.trial import TrialState
+
+from safesearch.backends.base import Backend
+from safesearch.datasets import Item
+from safesearch.errors import UserError
+from safesearch.evaluate import SuiteResult, build_judge, evaluate, load_items
+from safesearch.judges import Judge
+from safesearch.merging import Coefficients
+from safesearch.studyspec import (
+    Constraint,
+    Objective,
+    StudySpec,
+    SuiteRef,
+    sampler_class,
+    study_spec_from_dict,
+)
+
+SPEC_ATTR = "spec"
+FINGERPRINT_ATTR = "fingerprint"
+BASELINE_ATTR = "baseline"
+HOLDOUT_TRIAL = "holdout.trial."
+HOLDOUT_CHECKPOINT = "holdout.checkpoint."
+# How long a joining worker waits for the study's creator to finish setting it up (spec, baselines).
+SETUP_WAIT_S = 60.0
+
+
+# -- the search space ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One Optuna parameter: a coefficient (``vector.group``), a shared scale (``vector.scale``) or a
+    per-group factor (``vector.factor.group``)."""
+
+    name: str
+    vector: str
+    group: str | None
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a trial suggests and how it becomes a coefficient table.
+
+    ``groups``: vector -> every group (the table's shape); ``params``: the searched parameters;
+    ``fixed``: (vector, group) -> constant for ranges [a, a]; ``scaled``: vectors searched as scale x factor.
+    """
+
+    groups: dict[str, tuple[str, ...]]
+    params: tuple[Param, ...]
+    fixed: dict[tuple[str, str], float] = field(default_factory=dict)
+    scaled: frozenset[str] = frozenset()
+
+    def distributions(self) -> dict[str, optuna.distributions.FloatDistribution]:
+        return {p.name: optuna.distributions.FloatDistribution(p.low, p.high) for p in self.params}
+
+    def suggest(self, trial: optuna.Trial) -> Coefficients:
+        return self.coefficients({p.name: trial.suggest_float(p.name, p.low, p.high) for p in self.params})
+
+    def coefficients(self, values: Mapping[str, float]) -> Coefficients:
+        """The whole coefficient table for parameter ``values`` (unsearched groups: fixed value or 0)."""
+        out: Coefficients = {}
+        for v, groups in self.groups.items():
+            scale = self._value(values, f"{v}.scale", (v, "*scale")) if v in self.scaled else 1.0
+            row = {}
+            for g in groups:
+                name = f"{v}.factor.{g}" if v in self.scaled else f"{v}.{g}"
+                row[g] = scale * self._value(values, name, (v, g))
+            out[v] = row
+        return out
+
+    def _value(self, values: Mapping[str, float], name: str, key: tuple[str, str]) -> float:
+        if name in values:
+            return float(values[name])
+        return self.fixed.get(key, 0.0)
+
+    def baseline_params(self, spec: StudySpec) -> list[tuple[str, dict[str, float]]]:
+        """(label, params) of the baselines: all zeros, then the global-lambda grid."""
+        out = []
+        if spec.baselines.zero:
+            out.append(("zero", self._uniform(None, 0.0)))
+        for x in spec.baselines.lambda_values:
+            out.append((f"lambda={x:g}", self._uniform(spec.baselines.lambda_vector, x)))
+        return out
+
+    def _uniform(self, vector: str | None, x: float) -> dict[str, float]:
+        """Every searched group of ``vector`` at ``x``, every other vector at 0 (fixed groups keep their
+        value); a baseline outside a parameter's range is refused rather than clipped."""
+        params = {}
+        for p in self.params:
+            if p.vector in self.scaled:
+                value = (x if p.vector == vector else 0.0) if p.group is None else 1.0
+            else:
+                value = x if p.vector == vector else 0.0
+            if not p.low <= value <= p.high:
+                which = "zero" if vector is None else f"global_lambda ({vector} = {x:g})"
+                raise UserError(
+                    f"baselines.{which}: parameter {p.name} would be {value:g}, outside its range "
+                    f"[{p.low:g}, {p.high:g}] (widen search.{p.vector} or drop the baseline)"
+                )
+            params[p.name] = value
+        return params
+
+
+def build_space(spec: StudySpec, groups: Mapping[str, Sequence[str]], active: Mapping[str, Sequence[str]]) -> SearchSpace:
+    """The search space of ``spec`` over the merger's groups (``active``: the groups a vector touches;
+    the others keep 0 and are not searched)."""
+    params: list[Param] = []
+    fixed: dict[tuple[str, str], float] = {}
+    scaled = set()
+    for v, s in spec.search.items():
+        if s.scale is not None:
+            scaled.add(v)
+            if s.scale.fixed:
+                fixed[(v, "*scale")] = s.scale.low
+            else:
+                params.append(Param(f"{v}.scale", v, None, s.scale.low, s.scale.high))
+        for g in active.get(v, ()):
+            r = s.range_of(g)
+            name = f"{v}.factor.{g}" if s.scale is not None else f"{v}.{g}"
+            if r.fixed:
+                fixed[(v, g)] = r.low
+            else:
+                params.append(Param(name, v, g, r.low, r.high))
+    return SearchSpace({v: tuple(gs) for v, gs in groups.items()}, tuple(params), fixed, frozenset(scaled))
+
+
+# -- scoring --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """One suite on one split and subset, its items read and its judge built once."""
+
+    key: str
+    suite: Any  # safesearch.suites.Suite with the split and subset applied
+    items: list[Item]
+    judge: Judge | None
+
+
+def task_key(ref: SuiteRef) -> str:
+    return f"{ref.name}@{ref.split}" + (f"[{ref.subset}]" if ref.subset is not None else "")
+
+
+def prepare_tasks(refs: Sequence[SuiteRef], data_root: Path, *, device: str = "cpu") -> dict[str, Task]:
+    """Read every suite's items once (deduplicated by suite, split and subset) and build its judge."""
+    tasks: dict[str, Task] = {}
+    judges: dict[Any, Judge] = {}
+    for ref in refs:
+        key = task_key(ref)
+        if key in tasks:
+            continue
+        suite = ref.suite
+        suite = replace(
+            suite,
+            dataset=replace(suite.dataset, split=ref.split),
+            subset=replace(suite.subset, size=ref.subset),
+        )
+        items = load_items(suite, data_root)
+        judge = None
+        if suite.uses_judge:
+            if suite.judge not in judges:
+                judges[suite.judge] = build_judge(suite.judge, data_root=data_root, device=device)
+            judge = judges[suite.judge]
+        tasks[key] = Task(key, suite, items, judge)
+    return tasks
+
+
+def run_tasks(backend: Backend, tasks: Mapping[str, Task]) -> dict[str, SuiteResult]:
+    return {key: evaluate(backend, t.suite, t.items, judge=t.judge) for key, t in tasks.items()}
+
+
+def pooled(x: Objective | Constraint, results: Mapping[str, SuiteResult], holdout: bool = False) -> float:
+    """The objective's metric pooled over its suites (each weighted by the items it judged)."""
+    total = weight = 0.0
+    for ref in x.holdout if holdout else x.suites:
+        m = results[task_key(ref)].metrics
+        value = m.get(x.metric)
+        n = float(m.get("n") or 0) - float(m.get("n_unjudged") or 0)
+        if value is None or n <= 0:
+            continue
+        total += float(value) * n
+        weight += n
+    return total / weight if weight else math.nan
+
+
+def score_all(spec: StudySpec, results: Mapping[str, SuiteResult], holdout: bool = False) -> dict[str, Any]:
+    scores = {o.name: pooled(o, results, holdout) for o in spec.objectives}
+    cons = {c.name: pooled(c, results, holdout) for c in spec.constraints}
+    return {
+        "scores": scores,
+        "constraint_scores": cons,
+        "constraints": {c.name: c.violation(cons[c.name]) for c in spec.constraints},
+        "suites": {k: dict(r.metrics) for k, r in results.items()},
+    }
+
+
+def objective_values(spec: StudySpec, scores: Mapping[str, float]) -> list[float]:
+    """What Optuna is told: the objectives in order, or for cmaes-weighted their weighted sum (maximised)."""
+    if not spec.single_objective:
+        return [scores[o.name] for o in spec.objectives]
+    sign = {o.name: 1.0 if o.direction == "maximize" else -1.0 for o in spec.objectives}
+    return [sum(w * sign[n] * scores[n] for n, w in spec.sampler.weights.items())]
+
+
+def search_refs(spec: StudySpec) -> list[SuiteRef]:
+    return [r for x in (*spec.objectives, *spec.constraints) for r in x.suites]
+
+
+def holdout_refs(spec: StudySpec) -> list[SuiteRef]:
+    return [r for x in (*spec.objectives, *spec.constraints) for r in x.holdout]
+
+
+# -- the study -------------------------------------------------------------------------------------------
+
+
+def make_sampler(spec: StudySpec, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded (``seed`` overrides the spec's, e.g. per worker)."""
+    options = dict(spec.sampler.options)
+    if spec.sampler.name == "tpe":
+        # Parallel workers: a running trial counts as a bad result, so that two workers do not propose
+        # the same point at once (no effect with one worker).
+        options.setdefault("constant_liar", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return sampler_class(spec.sampler.name)(seed=spec.seed if seed is None else seed, **options)
+
+
+def groups_of(spec: StudySpec) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(every group per vector, the groups each vector touches), from the checkpoints' headers alone."""
+    from safesearch.grouping import group_parameters
+    from safesearch.vectors import open_sources, vector_names
+
+    sources = open_sources(spec.graft)
+    grouping = group_parameters(sources.anchor.layout.parameters, spec.graft.groups)
+    placed = grouping.group_of
+    groups = {v: list(grouping.groups) for v in spec.graft.vectors}
+    active = {}
+    for v, vs in spec.graft.vectors.items():
+        hit = {placed[n] for n in vector_names(sources, vs) if n in placed}
+        active[v] = [g for g in grouping.groups if g in hit]
+    return groups, active
+
+
+def ensure_study(
+    spec: StudySpec, storage: optuna.storages.BaseStorage, space: SearchSpace, *, sampler_seed: int | None = None,
+    create: bool = True,
+) -> tuple[optuna.Study, bool]:
+    """Create the study (its spec, fingerprint and baselines enqueued) or join it; (study, created).
+
+    Creation is race-free: Optuna's unique study name decides who creates, and only the creator enqueues
+    the baselines. A joiner waits (up to :data:`SETUP_WAIT_S`) for the creator to finish that setup and
+    refuses a study whose directions or search space differ from ``spec``'s.
+    """
+    from safesearch.storage import mask_url, open_study
+
+    sampler = make_sampler(spec, sampler_seed)
+    created = False
+    if create:
+        try:
+            study = optuna.create_study(
+                storage=storage, study_name=spec.name, directions=spec.directions, sampler=sampler
+            )
+            created = True
+        except DuplicatedStudyError:
+            study = open_study(storage, spec.name, spec.directions, sampler=sampler, create=False)
+    else:
+        study = open_study(storage, spec.name, spec.directions, sampler=sampler, create=False)
+    if created:
+        study.set_user_attr(SPEC_ATTR, spec.to_dict())
+        study.set_user_attr("objectives", {o.name: o.direction for o in spec.objectives})
+        study.set_user_attr("sampler", spec.sampler.name)
+        for label, params in space.baseline_params(spec):
+            study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label})
+        study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())  # last: the study is ready
+        return study, True
+    deadline = time.monotonic() + SETUP_WAIT_S
+    while FINGERPRINT_ATTR not in study.user_attrs:
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"study {spec.name!r} in {mask_url(str(getattr(storage, 'url', storage)))} was created but never set up "
+                "(its creator stopped early?); delete it or choose another name"
+            )
+        time.sleep(0.5)
+    found = study.user_attrs[FINGERPRINT_ATTR]
+    if found != spec.fingerprint():
+        raise UserError(
+            f"study {spec.name!r} exists with another spec (search space, objectives or sampler differ); "
+            "choose another study name or use the spec it was created with"
+        )
+    return study, False
+
+
+def stored_spec(study: optuna.Study) -> StudySpec:
+    """The spec a study was created with (as kept in the study)."""
+    data = study.user_attrs.get(SPEC_ATTR)
+    if data is None:
+        raise UserError(f"study {study.study_name!r} was not created by safesearch (it keeps no spec)")
+    return study_spec_from_dict(data, where=f"study {study.study_name!r} (stored spec)")
+
+
+# -- a worker --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    number: int
+    state: TrialState
+    values: list[float] | None
+    scores: dict[str, float]
+    baseline: str | None
+    seconds: dict[str, float]  # ask, suggest, merge, eval, record (attrs, constraints, artifact), tell, total
+
+
+class Worker:
+    """One grafted model and the search split's tasks, serving trials of one study."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        grafted: Any,  # safesearch.grafted.GraftedModel
+        space: SearchSpace,
+        artifact_store: Any = None,
+        *,
+        judge_device: str = "cpu",
+    ) -> None:
+        self.spec = spec
+        self.grafted = grafted
+        self.space = space
+        self.artifact_store = artifact_store
+        self.tasks = prepare_tasks(search_refs(spec), spec.data_root, device=judge_device)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run_trial(self, study: optuna.Study, trial: optuna.Trial, ask_s: float = 0.0) -> TrialOutcome:
+        """Suggest, merge, evaluate, record and tell one trial (told FAIL, and re-raised, on an error)."""
+        t0 = time.perf_counter()
+        seconds = {"ask": ask_s}
+        try:
+            coefs = self.space.suggest(trial)
+            # Who runs it, known while it runs (the dashboard; which trial a dead worker held).
+            trial.set_user_attr("worker", self.name)
+            t1 = time.perf_counter()
+            self.grafted.apply(coefs)
+            t2 = time.perf_counter()
+            results = run_tasks(self.grafted.backend, self.tasks)
+            t3 = time.perf_counter()
+            seconds.update(suggest=t1 - t0, merge=t2 - t1, eval=t3 - t2)
+            scored = score_all(self.spec, results)
+            bad = [n for n, v in scored["scores"].items() if math.isnan(v)]
+            if bad:
+                raise RuntimeError(f"objective {bad[0]!r}: no item was judged")
+            for name, violation in scored["constraints"].items():
+                if not math.isnan(violation):
+                    trial.set_constraint(name, violation)
+            attrs = {
+                "scores": scored["scores"],
+                "constraint_scores": scored["constraint_scores"],
+                "suites": scored["suites"],
+                "coefficients": coefs,
+                "merge_s": round(t2 - t1, 4),
+                "eval_s": round(t3 - t2, 4),
+                "worker": self.name,
+            }
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+            if self.artifact_store is not None:
+                self._upload_responses(trial, coefs, results)
+            t4 = time.perf_counter()
+            values = objective_values(self.spec, scored["scores"])
+            with warnings.catch_warnings():
+                # The paper's CMA-ES baseline ignores constraints; they are stored and the front reads them.
+                warnings.filterwarnings("ignore", message="Constraints have been set, but CmaEsSampler")
+                study.tell(trial, values)
+            t5 = time.perf_counter()
+        except BaseException as e:
+            try:
+                trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
+                study.tell(trial, state=TrialState.FAIL)
+            except Exception:  # the storage itself may be what failed; the heartbeat will fail the trial
+                pass
+            raise
+        seconds.update(record=t4 - t3, tell=t5 - t4, total=ask_s + t5 - t0)
+        return TrialOutcome(
+            trial.number, TrialState.COMPLETE, values, scored["scores"], trial.user_attrs.get(BASELINE_ATTR), seconds
+        )
+
+    def _upload_responses(self, trial: optuna.Trial, coefs: Coefficients, results: Mapping[str, SuiteResult]) -> None:
+        payload = {
+            "trial": trial.number,
+            "coefficients": coefs,
+            "suites": {k: r.as_dict() for k, r in results.items()},
+        }
+        with tempfile.TemporaryDirectory(prefix="safesearch-artifact-") as d:
+            path = Path(d) / f"responses-{trial.number}.json"
+            path.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                upload_artifact(
+                    artifact_store=self.artifact_store,
+                    file_path=str(path),
+                    study_or_trial=trial,
+                    mimetype="application/json",
+                )
+
+    def work(
+        self,
+        study: optuna.Study,
+        n_trials: int,
+        *,
+        max_trials: int | None = None,
+        on_trial: Callable[[TrialOutcome], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> int:
+        """Serve trials until the study has ``n_trials`` COMPLETE ones (or this worker ran ``max_trials``).
+
+        Returns the number of trials this worker completed.
+        """
+        from safesearch.storage import heartbeat, next_trial
+
+        done = 0
+        while max_trials is None or done < max_trials:
+            if should_stop is not None and should_stop():
+                break
+            t0 = time.perf_counter()
+            trial = next_trial(study, n_trials, should_stop=should_stop)
+            if trial is None:
+                break
+            ask_s = time.perf_counter() - t0
+            try:
+                with heartbeat(study, trial):
+                    outcome = self.run_trial(study, trial, ask_s)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Another worker failed this trial as stale (this one missed its heartbeat grace period,
+                # e.g. a stalled machine) and queued its retry; carry on with the next trial.
+                warnings.warn(f"trial {trial.number} was failed by another worker (heartbeat missed); "
+                              "its retry runs in its place", stacklevel=1)
+                continue
+            done += 1
+            if on_trial is not None:
+                on_trial(outcome)
+        return done
+
+    def close(self) -> None:
+        self.grafted.close()
+
+
+def open_worker(
+    spec: StudySpec, *, device: str | None = None, artifact_store: Any = None, space: SearchSpace | None = None
+) -> Worker:
+    """Load the grafted model once (the spec's backend) and the search split's items."""
+    from safesearch.grafted import open_grafted
+
+    grafted = open_grafted(spec.graft, backend=spec.backend, device=device or spec.device,
+                           options=spec.backend_options)
+    merger = grafted.merger
+    if space is None:
+        # From the checkpoints' headers, as `study create` computes it, so both agree on the parameters.
+        space = build_space(spec, *groups_of(spec))
+    judge_device = str(merger.device) if merger.device.type != "cpu" else "cpu"
+    return Worker(spec, grafted, space, artifact_store, judge_device=judge_device)
+
+
+# -- holdout ---------------------------------------------------------------------------------------------
+
+
+def holdout_scores(spec: StudySpec, backend: Backend, tasks: Mapping[str, Task]) -> dict[str, Any]:
+    """The objectives and constraints re-scored on their holdout splits."""
+    results = run_tasks(backend, tasks)
+    scored = score_all(spec, results, holdout=True)
+    return {**scored, "feasible": all(v <= 0 for v in scored["constraints"].values())}

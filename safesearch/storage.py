@@ -1,0 +1,442 @@
+"""Where studies live: Optuna's RDB storage on SQLite (one worker) or PostgreSQL (many workers).
+
+Every command that touches a study goes through :func:`open_storage` and :func:`open_study`; workers
+coordinate through Optuna's storage only (no queue, lock service or coordinator of our own).
+
+URLs (:func:`resolve_url`): ``--storage URL``, else ``$SAFESEARCH_STORAGE``, else
+:data:`DEFAULT_STORAGE_URL` (``sqlite:///storage/safesearch.db``, relative to the working directory).
+A value without ``://`` is a SQLite file path. PostgreSQL: ``postgresql+psycopg://`` (psycopg 3),
+``postgresql+psycopg2://``; a bare ``postgresql://`` means psycopg 3. A password in a URL is never
+printed: messages use :func:`mask_url`.
+
+Many workers:
+
+- Tables: Optuna creates its tables (and stamps its schema version) when a storage opens. Workers
+  started at the same moment would race on that on PostgreSQL (duplicate ``CREATE TABLE`` / type,
+  two version rows), so the first initialisation runs under a PostgreSQL advisory lock held by the
+  database itself; once the schema is stamped, opening takes no lock.
+- Study: :func:`open_study` creates it or loads it (``load_if_exists``; a concurrent creation is
+  Optuna's ``DuplicatedStudyError``, which it turns into a load) and refuses a study of that name
+  with other directions (one-line :class:`UserError`).
+- Connections: one worker uses one connection for its trials and one for the heartbeat thread; the
+  pool is ``pool_size=2, max_overflow=2`` with ``pool_pre_ping`` so that hundreds of workers fit in
+  PostgreSQL's default ``max_connections``.
+- Dead workers: with a heartbeat (default every 60 s, grace twice that) a trial whose worker stopped
+  beating is marked FAIL by the next worker that looks (:func:`fail_stale`, called by Optuna's
+  ``study.optimize`` and by :func:`next_trial`), and :class:`optuna.storages.RetryHeartbeatStaleTrialCallback`
+  queues a copy (same params, system attrs ``failed_trial`` and ``retry_history``) that the next
+  ``study.ask()`` of any worker picks up. An ask/tell loop must run each trial inside
+  :func:`heartbeat` (``study.optimize`` does that itself).
+- Budget: :func:`next_trial` is the ask of a worker in a study of ``n_trials``: it never lets the
+  study go past ``n_trials`` COMPLETE trials, however many workers race, and waits (rather than
+  exits) while another worker's running trial may still fail and need a retry.
+
+Artifacts (:func:`artifact_store_for`): a file store, ``<db dir>/artifacts`` next to a SQLite file,
+``storage/artifacts`` for a server URL, or any path given (a shared file system for a cluster).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+
+from safesearch.errors import UserError
+
+DEFAULT_STORAGE_URL = "sqlite:///storage/safesearch.db"
+STORAGE_ENV = "SAFESEARCH_STORAGE"
+ARTIFACTS_ENV = "SAFESEARCH_ARTIFACTS"
+DEFAULT_HEARTBEAT_INTERVAL = 60
+# Per worker: the trial loop plus the heartbeat thread; overflow covers the odd extra reader.
+POOL_KWARGS: dict[str, Any] = {"pool_size": 2, "max_overflow": 2, "pool_pre_ping": True, "pool_recycle": 3600}
+CONNECT_TIMEOUT_S = 10
+# A fixed key for pg_advisory_lock: "safesearch schema init".
+_SCHEMA_LOCK_KEY = zlib.crc32(b"safesearch:optuna-schema-init")
+# System attr set on a trial that was asked for but fell beyond the study's budget (see next_trial).
+SURPLUS_ATTR = "safesearch:surplus"
+_POSTGRES_DRIVERS = {"psycopg", "psycopg2"}
+
+
+def resolve_url(url: str | None = None) -> str:
+    """The storage URL to use: ``url``, else ``$SAFESEARCH_STORAGE``, else the SQLite default.
+
+    A value without ``://`` is taken as a SQLite file path; ``postgresql://`` gets the psycopg 3
+    driver (``postgresql+psycopg://``), which is what this project installs.
+    """
+    url = (url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE_URL).strip()
+    if "://" not in url:
+        return f"sqlite:///{url}"
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password (in the authority or a ``password=`` query field) replaced by ``***``."""
+    masked = re.sub(r"(://[^/@:?#]*:)[^/]*@", r"\1***@", url)  # up to the last @: passwords may hold one
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", masked)
+
+
+def is_sqlite(url: str) -> bool:
+    return resolve_url(url).startswith("sqlite")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for in-memory or a server URL)."""
+    url = resolve_url(url)
+    if not url.startswith("sqlite"):
+        return None
+    parsed = _parse(url)
+    if parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def _parse(url: str) -> sa.engine.URL:
+    try:
+        parsed = sa.engine.make_url(url)
+    except Exception as e:  # sqlalchemy raises ArgumentError, ValueError for bad ports, ...
+        raise UserError(f"storage {mask_url(url)}: not a database URL ({e})") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend == "sqlite":
+        return parsed
+    if backend != "postgresql":
+        raise UserError(
+            f"storage {mask_url(url)}: unsupported database {backend!r} "
+            "(use sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB)"
+        )
+    if driver and driver not in _POSTGRES_DRIVERS:
+        raise UserError(f"storage {mask_url(url)}: unsupported PostgreSQL driver {driver!r} (use psycopg or psycopg2)")
+    if driver == "psycopg2":
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            raise UserError(
+                f"storage {mask_url(url)}: the psycopg2 driver is not installed (use postgresql+psycopg://)"
+            ) from None
+    return parsed
+
+
+def _where(parsed: sa.engine.URL) -> str:
+    return f"host {parsed.host or 'localhost'}:{parsed.port or 5432}, database {parsed.database!r}"
+
+
+def _reason(e: BaseException) -> str:
+    """The driver's own message, on one line (psycopg's spans several)."""
+    orig = getattr(e, "orig", None) or e
+    lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+    return "; ".join(lines) or type(orig).__name__
+
+
+def _engine_kwargs(parsed: sa.engine.URL) -> dict[str, Any]:
+    if parsed.drivername.startswith("sqlite"):
+        # The heartbeat thread writes while the trial loop reads: wait for the file lock, don't fail.
+        return {"connect_args": {"timeout": 30}}
+    return {**POOL_KWARGS, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+
+
+def _schema_ready(conn: sa.Connection) -> bool:
+    """Optuna stamps ``alembic_version`` last, so a stamped schema is a complete one."""
+    if not sa.inspect(conn).has_table("alembic_version"):
+        return False
+    return conn.execute(sa.text("select count(*) from alembic_version")).scalar_one() > 0
+
+
+@contextmanager
+def _schema_lock(url: str, parsed: sa.engine.URL) -> Iterator[None]:
+    """Serialise the first initialisation of the tables across processes (PostgreSQL only).
+
+    Also the place where a server that cannot be reached is reported, before Optuna's own errors.
+    """
+    if parsed.drivername.startswith("sqlite"):
+        yield
+        return
+    engine = sa.create_engine(parsed, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    try:
+        try:
+            conn = engine.connect()
+        except sa.exc.DBAPIError as e:
+            raise UserError(f"storage {mask_url(url)}: cannot connect to {_where(parsed)} ({_reason(e)})") from None
+        with conn:
+            if _schema_ready(conn):
+                conn.rollback()
+                yield
+                return
+            conn.execute(sa.text("select pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("select pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+def open_storage(
+    url: str | None = None,
+    *,
+    heartbeat_interval: int | None = DEFAULT_HEARTBEAT_INTERVAL,
+    grace_period: int | None = None,
+    max_retry: int | None = 3,
+) -> RDBStorage:
+    """Open (creating the tables if needed) the Optuna storage at ``url`` (see :func:`resolve_url`).
+
+    ``heartbeat_interval`` (seconds; None turns the heartbeat off) and ``grace_period`` (seconds
+    without a heartbeat before a running trial is failed; default twice the interval) detect dead
+    workers; each stale trial is retried up to ``max_retry`` times (None: without limit) by
+    :class:`~optuna.storages.RetryHeartbeatStaleTrialCallback`. The heartbeat also serves SQLite:
+    a worker that resumes a study after a killed one retries the killed one's trial.
+
+    Raises :class:`UserError` (one line, password masked) for a URL that is not a supported
+    database or a server that cannot be reached (host and database named).
+    """
+    url = resolve_url(url)
+    parsed = _parse(url)
+    if heartbeat_interval is not None and heartbeat_interval <= 0:
+        raise UserError(f"heartbeat interval {heartbeat_interval}: must be a positive number of seconds")
+    if grace_period is not None and grace_period <= 0:
+        raise UserError(f"heartbeat grace period {grace_period}: must be a positive number of seconds")
+    path = sqlite_path(url)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"storage {url}: cannot create directory {path.parent} ({e.strerror})") from None
+    with _schema_lock(url, parsed), warnings.catch_warnings():
+        # The heartbeat API is marked experimental since optuna 2.8; it is what Optuna offers.
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        heartbeat_kwargs: dict[str, Any] = {}
+        if heartbeat_interval is not None:
+            heartbeat_kwargs = {
+                "heartbeat_interval": int(heartbeat_interval),
+                "grace_period": int(grace_period) if grace_period is not None else None,
+                "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+            }
+        try:
+            return RDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat_kwargs)
+        except sa.exc.DBAPIError as e:
+            where = str(path) if path is not None else _where(parsed)
+            raise UserError(f"storage {mask_url(url)}: cannot open {where} ({_reason(e)})") from None
+
+
+def open_study(
+    storage: RDBStorage | str | None,
+    study_name: str,
+    directions: Sequence[str | StudyDirection],
+    *,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    create: bool = True,
+) -> optuna.Study:
+    """Create the study ``study_name`` or join it if it exists; safe when many workers start at once.
+
+    ``directions``: ``"maximize"``/``"minimize"`` per objective. A study of that name with other
+    directions is refused with a one-line :class:`UserError`, as is a missing study when
+    ``create=False``. ``storage`` may be an opened storage or a URL (opened with the defaults).
+    """
+    if not isinstance(storage, RDBStorage):
+        storage = open_storage(storage)
+    wanted = [d if isinstance(d, StudyDirection) else StudyDirection[str(d).upper()] for d in directions]
+    if create:
+        # load_if_exists turns a concurrent creation (DuplicatedStudyError) into a load.
+        study = optuna.create_study(storage=storage, study_name=study_name, directions=wanted,
+                                    sampler=sampler, load_if_exists=True)
+    else:
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+        except KeyError:
+            raise UserError(f"study {study_name!r}: not found in storage {mask_url(storage.url)}") from None
+    if list(study.directions) != wanted:
+        raise UserError(
+            f"study {study_name!r} in storage {mask_url(storage.url)} exists with directions "
+            f"{_names(study.directions)}, not {_names(wanted)}; choose another study name"
+        )
+    return study
+
+
+def load_study(storage: RDBStorage | str | None, study_name: str,
+               sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
+    """An existing study, or a one-line :class:`UserError` naming the study and the storage."""
+    if not isinstance(storage, RDBStorage):
+        storage = open_storage(storage)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        known = f" (studies there: {', '.join(names)})" if names else " (it holds no study)"
+        raise UserError(f"study {study_name!r}: not found in storage {mask_url(storage.url)}{known}") from None
+
+
+def _names(directions: Sequence[StudyDirection]) -> str:
+    return "[" + ", ".join(d.name.lower() for d in directions) + "]"
+
+
+def artifact_store_for(url: str | None = None, path: str | os.PathLike[str] | None = None) -> FileSystemArtifactStore:
+    """The artifact store of the storage at ``url``: ``path`` if given, else ``$SAFESEARCH_ARTIFACTS``,
+    else ``<db dir>/artifacts`` next to a SQLite file, else ``storage/artifacts`` (cwd-relative).
+
+    With workers on several machines, give every worker (and the dashboard) the same shared path.
+    """
+    chosen = path or os.environ.get(ARTIFACTS_ENV)
+    if chosen:
+        root = Path(chosen)
+    else:
+        db = sqlite_path(url) if is_sqlite(resolve_url(url)) else None
+        root = db.parent / "artifacts" if db is not None else Path("storage") / "artifacts"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"artifact store {root}: cannot create it ({e.strerror})") from None
+    return FileSystemArtifactStore(str(root))
+
+
+# --- The trial loop of a worker among many ------------------------------------------------------
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Mark trials whose worker stopped beating as FAIL and queue their retries (heartbeat storages).
+
+    Optuna only judges trials that beat at least once; a worker killed between asking for a trial
+    and its first beat (milliseconds) would leave it RUNNING for ever, and the study one trial short.
+    So a trial seen RUNNING without any beat for longer than the grace period, by this process's own
+    clock (machines' clocks and time zones may differ), is failed and retried the same way. Hence
+    every worker of a study must run with a heartbeat (the default).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+        _fail_silent(study)
+
+
+# (id of the RDBStorage, trial id) -> when this process first saw the trial RUNNING without a beat.
+_silent_since: dict[tuple[int, int], float] = {}
+
+
+def _rdb_of(study: optuna.Study) -> RDBStorage | None:
+    storage = study._storage
+    storage = getattr(storage, "_backend", storage)  # optuna wraps RDBStorage in a _CachedStorage
+    return storage if isinstance(storage, RDBStorage) else None
+
+
+def _fail_silent(study: optuna.Study) -> None:
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    rdb = _rdb_of(study)
+    if rdb is None or rdb.heartbeat_interval is None:
+        return
+    grace = rdb.grace_period or 2 * rdb.heartbeat_interval
+    with _create_scoped_session(rdb.scoped_session) as session:
+        silent = {
+            trial_id
+            for (trial_id,) in session.query(models.TrialModel.trial_id)
+            .outerjoin(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+            .filter(models.TrialModel.study_id == study._study_id)
+            .filter(models.TrialModel.state == TrialState.RUNNING)
+            .filter(models.TrialHeartbeatModel.trial_heartbeat_id.is_(None))
+        }
+    now, key = time.monotonic(), id(rdb)
+    for k in [k for k in _silent_since if k[0] == key and k[1] not in silent]:
+        del _silent_since[k]
+    callback = rdb.get_heartbeat_stale_trial_callback()
+    for trial_id in silent:
+        if now - _silent_since.setdefault((key, trial_id), now) <= grace:
+            continue
+        del _silent_since[(key, trial_id)]
+        try:
+            failed = study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile, or failed by another worker
+            continue
+        if failed and callback is not None:
+            callback(study, copy.deepcopy(study._storage.get_trial(trial_id)))
+
+
+@contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Beat for ``trial`` while the block runs (what ``study.optimize`` does; needed in ask/tell loops).
+
+    Run the whole trial, from the first suggest to ``study.tell``, inside it.
+    """
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        yield
+
+
+def heartbeat_interval_of(study: optuna.Study) -> int | None:
+    getter = getattr(study._storage, "get_heartbeat_interval", None)
+    return getter() if getter is not None else None
+
+
+def count_states(study: optuna.Study) -> dict[TrialState, int]:
+    """How many trials of the study are in each state (every state present, zeros included)."""
+    counts = dict.fromkeys(TrialState, 0)
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] += 1
+    return counts
+
+
+_CLAIMED = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+
+
+def next_trial(
+    study: optuna.Study,
+    n_trials: int,
+    *,
+    poll_s: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> optuna.Trial | None:
+    """Ask for the next trial of a study whose budget is ``n_trials`` COMPLETE trials; None when done.
+
+    Safe for any number of workers: Optuna numbers trials under a row lock, and a trial runs only if
+    fewer than ``n_trials`` trials numbered before it are COMPLETE, RUNNING or WAITING; otherwise it
+    is told FAIL at once with system attr ``safesearch:surplus`` and the worker looks again. So the
+    study never holds more than ``n_trials`` COMPLETE trials, and none is lost: while the budget is
+    held by other workers' running trials, this waits (polling every ``poll_s``, default the heartbeat
+    interval capped at 2 s), failing stale ones (:func:`fail_stale`), so that the retry of a trial
+    whose worker died is picked up here. Without a heartbeat nobody can tell a dead worker from a
+    slow one, so it returns None instead of waiting. ``should_stop`` (polled) ends the wait early.
+
+    Waiting trials (enqueued baselines, retries) come first, as with ``study.ask()``. Run the trial
+    inside :func:`heartbeat`.
+    """
+    interval = heartbeat_interval_of(study)
+    poll = poll_s if poll_s is not None else min(float(interval or 2), 2.0)
+    while True:
+        fail_stale(study)
+        counts = count_states(study)
+        if counts[TrialState.COMPLETE] >= n_trials:
+            return None
+        claimed = sum(counts[s] for s in _CLAIMED)
+        if claimed >= n_trials and counts[TrialState.WAITING] == 0:
+            if interval is None or (should_stop is not None and should_stop()):
+                return None
+            time.sleep(poll)
+            continue
+        with warnings.catch_warnings():
+            # Optuna warns that heartbeats are meant for study.optimize; heartbeat() covers ask/tell.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            trial = study.ask()
+        if interval is not None:
+            # Beat at once: Optuna only ever fails a trial that has beaten (see fail_stale).
+            study._storage.record_heartbeat(trial._trial_id)
+        ahead = sum(1 for t in study.get_trials(deepcopy=False, states=_CLAIMED) if t.number < trial.number)
+        if ahead < n_trials:
+            return trial
+        study._storage.set_trial_system_attr(trial._trial_id, SURPLUS_ATTR, True)
+        study.tell(trial, state=TrialState.FAIL)

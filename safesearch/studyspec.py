@@ -1,0 +1,628 @@
+"""The study spec: what a search study grafts, searches, scores and keeps. Validated once, here.
+
+A study spec is YAML (``studies/toy.yaml`` is the toy world's)::
+
+    name: toy                        # the study's name in the storage (default: the file name)
+    graft: toy-graft.yaml            # a graft spec file (relative to this file), or the graft spec itself inline
+    data_root: ..                    # where the suites' relative dataset paths resolve (default: $SAFESEARCH_DATA_ROOT or .)
+    search:                          # one entry per vector of the graft: the range of its per-group coefficients
+      safety:
+        range: [0.0, 2.0]            # every group independently ...
+        groups: {'embed|head': [0.0, 1.0]}   # ... or per group (regex on group names, first match wins;
+                                     # [a, a] fixes a group at a, unsearched)
+      medical:
+        scale: [0.5, 1.0]            # or a shared scale times per-group factors: c[g] = scale * factor[g]
+        factor: [0.8, 1.2]
+    objectives:                      # one optimised value each (at least one)
+      - name: safety
+        suites: [toy-harmful-general, toy-harmful-medical]   # or suite: NAME; pooled over their items
+        metric: safety               # default: the suite's headline metric (safety, over_refusal, acc)
+        split: search                # the split a trial scores (default: search)
+        subset: 60                   # items per suite per trial (default: every item)
+        holdout_split: holdout       # what `safesearch validate` re-scores on (default: holdout)
+        holdout_subset: null         # default: every item
+        direction: maximize          # maximize | minimize
+    constraints:                     # optional: feasible when every value is within its bound
+      - name: over_refusal
+        suite: toy-benign
+        max: 0.1                     # or min:; same suite/split/subset fields as an objective
+    baselines:                       # enqueued before the search (marked with the user attr `baseline`)
+      zero: true                     # the anchor as is: every coefficient 0
+      global_lambda:                 # RESTA-style: one coefficient for every group of one vector
+        vector: safety
+        values: [0.25, 0.5, 1.0, 1.5]
+    sampler: tpe                     # tpe | nsga2 | gp | random | cmaes-weighted, or {name, options, weights}
+    seed: 0
+    n_trials: 40                     # COMPLETE trials in the study, baselines included
+    backend: transformers            # transformers | vllm
+    backend_options: {}              # transformers: batch_size, kernel; vllm: engine options
+    device: null                     # default: the graft spec's device
+
+``cmaes-weighted`` is the paper's baseline: CMA-ES on one value, the weighted sum of the objectives
+(``sampler: {name: cmaes-weighted, weights: {safety: 0.5, medical: 0.5}}``, minimised objectives
+counted negatively); the per-objective scores are still stored, so its front reads like the others.
+
+Every error is one line naming the file and the field (``studies/toy.yaml: objectives[0].suite: unknown
+suite 'x' (known: ...)``). :meth:`StudySpec.to_dict` gives the spec as plain data with absolute paths; the
+study keeps it, so that ``validate`` and ``export`` need nothing but the study's name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from safesearch.errors import UserError
+from safesearch.grafted import BACKENDS
+from safesearch.graftspec import GraftSpec, load_spec, spec_from_dict
+from safesearch.suites import Suite, default_data_root, load_suite
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random", "cmaes-weighted")
+DIRECTIONS = ("maximize", "minimize")
+# The metrics each suite metric reports, headline first (the default an objective reads).
+SUITE_METRICS: dict[str, tuple[str, ...]] = {
+    "safety": ("safety", "asr"),
+    "over_refusal": ("over_refusal",),
+    "mcq_loglik": ("acc", "acc_norm"),
+    "mcq_generate": ("acc",),
+    "vqa_closed": ("acc",),
+}
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+
+    @property
+    def fixed(self) -> bool:
+        return self.low == self.high
+
+    def contains(self, x: float) -> bool:
+        return self.low <= x <= self.high
+
+
+@dataclass(frozen=True)
+class VectorSearch:
+    """The coefficients of one vector: per group in ``range`` (``groups`` overrides, first match wins),
+    or, when ``scale`` is set, ``scale * factor[g]`` with the factors in ``range``/``groups``."""
+
+    vector: str
+    range: Range
+    groups: tuple[tuple[str, Range], ...] = ()
+    scale: Range | None = None
+
+    def range_of(self, group: str) -> Range:
+        for pattern, r in self.groups:
+            if re.search(pattern, group):
+                return r
+        return self.range
+
+
+@dataclass(frozen=True)
+class SuiteRef:
+    """A suite as an objective scores it: the split and the subset size override the suite file's."""
+
+    suite: Suite
+    split: str
+    subset: int | None
+
+    @property
+    def name(self) -> str:
+        return self.suite.name
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    suites: tuple[SuiteRef, ...]
+    metric: str
+    direction: str = "maximize"
+    holdout: tuple[SuiteRef, ...] = ()
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Feasible when the score is at most ``max`` (or at least ``min``); Optuna's value is the excess."""
+
+    name: str
+    suites: tuple[SuiteRef, ...]
+    metric: str
+    max: float | None = None
+    min: float | None = None
+    holdout: tuple[SuiteRef, ...] = ()
+
+    def violation(self, score: float) -> float:
+        """Optuna's constraint value: <= 0 when feasible."""
+        return score - self.max if self.max is not None else self.min - score  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class Baselines:
+    zero: bool = True
+    lambda_vector: str | None = None
+    lambda_values: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str = "tpe"
+    options: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)  # cmaes-weighted only
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    graft: GraftSpec
+    data_root: Path
+    search: dict[str, VectorSearch]
+    objectives: tuple[Objective, ...]
+    constraints: tuple[Constraint, ...] = ()
+    baselines: Baselines = Baselines()
+    sampler: SamplerSpec = SamplerSpec()
+    seed: int = 0
+    n_trials: int = 40
+    backend: str = "transformers"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None
+    description: str = ""
+    source: Path | None = field(default=None, compare=False)
+
+    @property
+    def single_objective(self) -> bool:
+        """CMA-ES on the weighted sum: Optuna sees one value; the objectives' scores are user attrs."""
+        return self.sampler.name == "cmaes-weighted"
+
+    @property
+    def directions(self) -> list[str]:
+        return ["maximize"] if self.single_objective else [o.direction for o in self.objectives]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data, every path absolute; :func:`study_spec_from_dict` reads it back."""
+
+        def refs(rs: tuple[SuiteRef, ...]) -> list[str]:
+            return [str(r.suite.source or r.name) for r in rs]
+
+        def scored(x: Objective | Constraint) -> dict[str, Any]:
+            first, hold = x.suites[0], x.holdout[0] if x.holdout else None
+            return {
+                "name": x.name,
+                "suites": refs(x.suites),
+                "metric": x.metric,
+                "split": first.split,
+                "subset": first.subset,
+                "holdout_split": hold.split if hold else None,
+                "holdout_subset": hold.subset if hold else None,
+            }
+
+        def search(s: VectorSearch) -> dict[str, Any]:
+            out: dict[str, Any] = {"range": [s.range.low, s.range.high]}
+            if s.groups:
+                out["groups"] = {p: [r.low, r.high] for p, r in s.groups}
+            if s.scale is not None:
+                out = {"scale": [s.scale.low, s.scale.high], "factor": out.pop("range"), **out}
+            return out
+
+        return {
+            "name": self.name,
+            "description": self.description,
+            "graft": self.graft.to_dict(),
+            "data_root": str(self.data_root.resolve()),
+            "search": {v: search(s) for v, s in self.search.items()},
+            "objectives": [{**scored(o), "direction": o.direction} for o in self.objectives],
+            "constraints": [
+                {**scored(c), **({"max": c.max} if c.max is not None else {"min": c.min})} for c in self.constraints
+            ],
+            "baselines": {
+                "zero": self.baselines.zero,
+                **(
+                    {"global_lambda": {"vector": self.baselines.lambda_vector, "values": list(self.baselines.lambda_values)}}
+                    if self.baselines.lambda_vector
+                    else {}
+                ),
+            },
+            "sampler": {
+                "name": self.sampler.name,
+                "options": self.sampler.options,
+                **({"weights": self.sampler.weights} if self.single_objective else {}),
+            },
+            "seed": self.seed,
+            "n_trials": self.n_trials,
+            "backend": self.backend,
+            "backend_options": self.backend_options,
+            "device": self.device,
+        }
+
+    def fingerprint(self) -> str:
+        """A hash of what makes two workers' trials comparable: the search space, the vectors and groups,
+        the objectives and constraints (suites, splits, subsets), the sampler. Paths, device and backend
+        may differ between machines and are left out."""
+        d = self.to_dict()
+        graft = d["graft"]
+        keep = {
+            "anchor": graft["anchor"],
+            "vectors": graft["vectors"],
+            "groups": graft["groups"],
+            "dtype": graft["dtype"],
+        }
+
+        def strip(xs: list[dict]) -> list[dict]:
+            return [{**x, "suites": [Path(s).stem for s in x["suites"]]} for x in xs]
+
+        core = {
+            "graft": keep,
+            "search": d["search"],
+            "objectives": strip(d["objectives"]),
+            "constraints": strip(d["constraints"]),
+            "sampler": d["sampler"],
+            "seed": d["seed"],
+            "n_trials": d["n_trials"],
+        }
+        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- loading -------------------------------------------------------------------------------------------
+
+
+def load_study_spec(path: str | Path, suite_dirs: list[Path] | None = None) -> StudySpec:
+    """Read and validate a study spec file; every error names the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study spec {path}: {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"study spec {path}: not valid YAML ({detail})") from None
+    return study_spec_from_dict(
+        data, base_dir=path.parent, where=str(path), default_name=path.stem, source=path, suite_dirs=suite_dirs
+    )
+
+
+def study_spec_from_dict(
+    data: Any,
+    base_dir: str | Path | None = None,
+    where: str = "study spec",
+    default_name: str | None = None,
+    source: Path | None = None,
+    suite_dirs: list[Path] | None = None,
+) -> StudySpec:
+    """Validate a study spec given as plain data; ``where`` prefixes every error message."""
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    f = _Fields(data, where)
+    name = f.get("name", str, default_name)
+    if name is None:
+        raise f.fail("name", "is required")
+    if not _NAME.match(name):
+        raise f.fail("name", f"{name!r} is not a valid study name (letters, digits, _ . -)")
+    description = f.get("description", str, "")
+
+    graft = _graft(f.get("graft", (str, dict), required=True), base, f"{where}: graft")
+    root_raw = f.get("data_root", str, None)
+    data_root = _path(root_raw, base) if root_raw is not None else default_data_root().resolve()
+
+    search = _search(f.section("search", required=True), graft)
+    objectives = tuple(
+        _objective(o, f"objectives[{i}]", where, suite_dirs)
+        for i, o in enumerate(f.list_of("objectives", required=True))
+    )
+    _unique([o.name for o in objectives], f.where, "objectives")
+    constraints = tuple(
+        _constraint(c, f"constraints[{i}]", where, suite_dirs) for i, c in enumerate(f.list_of("constraints"))
+    )
+    _unique([o.name for o in objectives] + [c.name for c in constraints], f.where, "objectives/constraints")
+    baselines = _baselines(f.section("baselines"), search)
+    sampler = _sampler(f, objectives)
+    seed = f.get("seed", int, 0)
+    n_trials = f.get("n_trials", int, 40)
+    if n_trials < 1:
+        raise f.fail("n_trials", f"should be at least 1, got {n_trials}")
+    backend = f.get("backend", str, "transformers")
+    if backend not in BACKENDS:
+        raise f.fail("backend", f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    backend_options = f.get("backend_options", dict, {})
+    device = f.get("device", str, None)
+    if device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise f.fail("device", f"{device!r} is not auto, cpu, cuda or cuda:N")
+    f.done()
+    return StudySpec(
+        name=name,
+        graft=graft,
+        data_root=data_root,
+        search=search,
+        objectives=objectives,
+        constraints=constraints,
+        baselines=baselines,
+        sampler=sampler,
+        seed=seed,
+        n_trials=n_trials,
+        backend=backend,
+        backend_options=dict(backend_options),
+        device=device,
+        description=description,
+        source=source,
+    )
+
+
+# -- sections --------------------------------------------------------------------------------------------
+
+
+def _graft(raw: str | dict, base: Path, where: str) -> GraftSpec:
+    if isinstance(raw, str):
+        path = _path(raw, base)
+        try:
+            return load_spec(path)
+        except UserError as e:
+            raise UserError(f"{where}: {e.message}") from None
+    return spec_from_dict(raw, base_dir=base, where=where)
+
+
+def _search(f: _Fields, graft: GraftSpec) -> dict[str, VectorSearch]:
+    out = {}
+    for v in graft.vectors:
+        if v not in f.raw:
+            raise f.fail(v, f"missing: every vector of the graft needs a range (vectors: {', '.join(graft.vectors)}; "
+                         "[0, 0] leaves one out)")
+        out[v] = _vector_search(v, f.section(v, required=True))
+    for extra in f.raw:
+        raise f.fail(str(extra), f"not a vector of the graft (vectors: {', '.join(graft.vectors)})")
+    return out
+
+
+def _vector_search(vector: str, f: _Fields) -> VectorSearch:
+    scale = None
+    if "scale" in f.raw:
+        scale = _range(f.get("scale", list), f.name("scale"), f.where)
+        key = "factor"
+    else:
+        key = "range"
+    r = _range(f.get(key, list, required=True), f.name(key), f.where)
+    groups = []
+    for pattern, value in f.get("groups", dict, {}).items():
+        gwhere = f.name(f"groups.{pattern}")
+        try:
+            re.compile(str(pattern))
+        except re.error as e:
+            raise UserError(f"{f.where}: {gwhere}: bad regular expression ({e})") from None
+        groups.append((str(pattern), _range(value, gwhere, f.where)))
+    f.done()
+    return VectorSearch(vector, r, tuple(groups), scale)
+
+
+def _range(value: Any, name: str, where: str) -> Range:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+    ):
+        raise UserError(f"{where}: {name}: expected [low, high] (two finite numbers), got {value!r}")
+    low, high = float(value[0]), float(value[1])
+    if low > high:
+        raise UserError(f"{where}: {name}: low {low} is above high {high}")
+    return Range(low, high)
+
+
+def _suites(f: _Fields, section: str, suite_dirs: list[Path] | None) -> list[Suite]:
+    one = f.get("suite", str, None)
+    many = f.get("suites", list, None)
+    if (one is None) == (many is None):
+        raise f.fail("suite", "give either suite: NAME or suites: [NAME, ...]")
+    key, names = ("suite", [one]) if one is not None else ("suites", many)
+    if not names:
+        raise f.fail(key, "needs at least one suite")
+    suites = []
+    for i, n in enumerate(names):
+        field_name = key if key == "suite" else f"suites[{i}]"
+        if not isinstance(n, str):
+            raise f.fail(field_name, f"should be a suite name, got {type(n).__name__} {n!r}")
+        try:
+            suites.append(load_suite(n, suite_dirs))
+        except UserError as e:
+            msg = e.message
+            if msg.startswith(f"unknown suite '{n}'"):
+                known = msg[msg.find("(known:") :] if "(known:" in msg else ""
+                msg = f"unknown suite '{n}' {known}".strip()
+            raise f.fail(field_name, msg) from None
+    return suites
+
+
+def _scored(raw: Any, section: str, where: str, suite_dirs: list[Path] | None) -> tuple[_Fields, dict[str, Any]]:
+    """The fields objectives and constraints share."""
+    f = _Fields(raw, where, section)
+    name = f.get("name", str, required=True)
+    if not _NAME.match(name):
+        raise f.fail("name", f"{name!r} is not a valid name (letters, digits, _ . -)")
+    suites = _suites(f, section, suite_dirs)
+    kinds = {s.metric for s in suites}
+    if len(kinds) > 1:
+        raise f.fail("suites", f"the suites score different metrics ({', '.join(sorted(kinds))}); give one objective each")
+    available = SUITE_METRICS[suites[0].metric]
+    metric = f.get("metric", str, available[0])
+    if metric not in available:
+        raise f.fail("metric", f"unknown metric {metric!r} for {suites[0].metric} suites (known: {', '.join(available)})")
+    split = f.get("split", (str, int), "search")
+    subset = _positive(f, "subset")
+    hsplit = f.get("holdout_split", (str, int), "holdout")
+    hsubset = _positive(f, "holdout_subset")
+    return f, {
+        "name": name,
+        "metric": metric,
+        "suites": tuple(SuiteRef(s, str(split), subset) for s in suites),
+        "holdout": tuple(SuiteRef(s, str(hsplit), hsubset) for s in suites),
+    }
+
+
+def _objective(raw: Any, section: str, where: str, suite_dirs: list[Path] | None) -> Objective:
+    f, common = _scored(raw, section, where, suite_dirs)
+    direction = f.get("direction", str, "maximize")
+    if direction not in DIRECTIONS:
+        raise f.fail("direction", f"unknown direction {direction!r} (known: {', '.join(DIRECTIONS)})")
+    f.done()
+    return Objective(direction=direction, **common)
+
+
+def _constraint(raw: Any, section: str, where: str, suite_dirs: list[Path] | None) -> Constraint:
+    f, common = _scored(raw, section, where, suite_dirs)
+    hi = f.get("max", (int, float), None)
+    lo = f.get("min", (int, float), None)
+    if (hi is None) == (lo is None):
+        raise f.fail("max", "give either max: or min: (the bound the score must keep)")
+    f.done()
+    return Constraint(max=None if hi is None else float(hi), min=None if lo is None else float(lo), **common)
+
+
+def _baselines(f: _Fields, search: Mapping[str, VectorSearch]) -> Baselines:
+    zero = f.get("zero", bool, True)
+    if zero:
+        for v, s in search.items():
+            r = s.scale or s.range
+            if not r.contains(0.0) and not s.groups:
+                raise f.fail("zero", f"the all-zero baseline is outside search.{v}'s range [{r.low}, {r.high}]")
+    gl = f.section("global_lambda")
+    vector, values = None, ()
+    if gl.raw:
+        vector = gl.get("vector", str, required=True)
+        if vector not in search:
+            raise gl.fail("vector", f"{vector!r} is not a vector of the graft (vectors: {', '.join(search)})")
+        raw_values = gl.get("values", list, required=True)
+        if not raw_values or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in raw_values):
+            raise gl.fail("values", f"expected a list of numbers, got {raw_values!r}")
+        values = tuple(float(x) for x in raw_values)
+        s = search[vector]
+        for x in values:
+            if s.scale is not None:
+                if not s.scale.contains(x) or not s.range.contains(1.0):
+                    raise gl.fail("values", f"{x} needs search.{vector}.scale to hold it and factor to hold 1")
+            elif not s.range.contains(x):
+                raise gl.fail("values", f"{x} is outside search.{vector}.range [{s.range.low}, {s.range.high}]")
+        for other, s in search.items():
+            r = s.scale or s.range
+            if other != vector and not r.contains(0.0):
+                raise gl.fail("vector", f"the other vectors stay at 0, outside search.{other}'s range")
+    gl.done()
+    f.done()
+    return Baselines(zero, vector, values)
+
+
+def _sampler(f: _Fields, objectives: tuple[Objective, ...]) -> SamplerSpec:
+    raw = f.get("sampler", (str, dict), "tpe")
+    s = _Fields({"name": raw} if isinstance(raw, str) else raw, f.where, "sampler")
+    name = s.get("name", str, required=True)
+    if name not in SAMPLERS:
+        raise UserError(f"{f.where}: sampler: unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+    options = s.get("options", dict, {})
+    accepted = set(inspect.signature(sampler_class(name)).parameters) - {"seed", "self"}
+    for k in options:
+        if k not in accepted:
+            raise s.fail(f"options.{k}", f"not an option of {name} (known: {', '.join(sorted(accepted))})")
+    weights_raw = s.get("weights", dict, None)
+    weights: dict[str, float] = {}
+    if name == "cmaes-weighted":
+        names = [o.name for o in objectives]
+        if weights_raw is None:
+            weights = {n: 1.0 / len(names) for n in names}
+        else:
+            for k, w in weights_raw.items():
+                if k not in names:
+                    raise s.fail(f"weights.{k}", f"not an objective (objectives: {', '.join(names)})")
+                if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+                    raise s.fail(f"weights.{k}", f"expected a non-negative number, got {w!r}")
+            weights = {n: float(weights_raw.get(n, 0.0)) for n in names}
+            if not any(weights.values()):
+                raise s.fail("weights", "at least one weight must be positive")
+    elif weights_raw is not None:
+        raise s.fail("weights", "only cmaes-weighted takes weights (the others search every objective)")
+    s.done()
+    return SamplerSpec(name, dict(options), weights)
+
+
+def sampler_class(name: str) -> type:
+    import optuna
+
+    return {
+        "tpe": optuna.samplers.TPESampler,
+        "nsga2": optuna.samplers.NSGAIISampler,
+        "gp": optuna.samplers.GPSampler,
+        "random": optuna.samplers.RandomSampler,
+        "cmaes-weighted": optuna.samplers.CmaEsSampler,
+    }[name]
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def _path(value: str, base: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _positive(f: _Fields, key: str) -> int | None:
+    value = f.get(key, int, None)
+    if value is not None and value < 1:
+        raise f.fail(key, f"should be at least 1, got {value}")
+    return value
+
+
+def _unique(names: list[str], where: str, section: str) -> None:
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise UserError(f"{where}: {section}: the name {n!r} is used twice")
+        seen.add(n)
+
+
+class _Fields:
+    """Reads a mapping field by field; every error reads ``file: section.field: message``."""
+
+    def __init__(self, raw: Any, where: str, section: str = "") -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            what = section or "the study spec"
+            raise UserError(f"{where}: {what}: expected a mapping, got {type(raw).__name__} {raw!r:.60}")
+        self.raw, self.where, self.prefix = dict(raw), where, section
+
+    def name(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def fail(self, key: str, message: str) -> UserError:
+        return UserError(f"{self.where}: {self.name(key)}: {message}")
+
+    def get(self, key: str, types: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+        if key not in self.raw or self.raw[key] is None:
+            self.raw.pop(key, None)
+            if required:
+                raise self.fail(key, "missing (required)")
+            return default
+        value = self.raw.pop(key)
+        ts = types if isinstance(types, tuple) else (types,)
+        if float in ts and int not in ts:
+            ts = (*ts, int)
+        if (isinstance(value, bool) and bool not in ts) or not isinstance(value, ts):
+            names = " or ".join({dict: "mapping", list: "list", str: "string"}.get(t, t.__name__) for t in ts)
+            raise self.fail(key, f"expected {names}, got {type(value).__name__} {value!r:.60}")
+        return value
+
+    def section(self, key: str, required: bool = False) -> _Fields:
+        return _Fields(self.get(key, dict, {}, required=required), self.where, self.name(key))
+
+    def list_of(self, key: str, required: bool = False) -> list[Any]:
+        value = self.get(key, list, [], required=required)
+        if required and not value:
+            raise self.fail(key, "needs at least one entry")
+        return value
+
+    def done(self) -> None:
+        if self.raw:
+            raise self.fail(str(sorted(self.raw, key=str)[0]), "unknown field")

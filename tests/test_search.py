@@ -1,0 +1,224 @@
+"""The search on the small toy world: spaces, baselines, trials (merge in place, scores, constraints,
+artifacts), the budget, the study checks, and the front and its picks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.artifacts import download_artifact, get_all_artifact_meta
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+from study_world import spec_dict
+
+from safesearch.backends.transformers import TransformersBackend
+from safesearch.errors import UserError
+from safesearch.pareto import TrialRecord, best_baseline, dominates, front, front_covers, knee, pick, records
+from safesearch.search import (
+    BASELINE_ATTR,
+    build_space,
+    ensure_study,
+    groups_of,
+    objective_values,
+    open_worker,
+    run_tasks,
+    score_all,
+)
+from safesearch.storage import artifact_store_for, open_storage
+from safesearch.studyspec import StudySpec, study_spec_from_dict
+
+GROUPS = {"safety": ["embed", "layer.0", "layer.1", "norm", "head"], "medical": ["embed", "layer.0", "layer.1", "norm", "head"]}
+
+
+def _spec(tmp_path: Path, world: Path, **kw: Any) -> StudySpec:
+    return study_spec_from_dict(spec_dict(tmp_path, world, **kw), where="test")
+
+
+# -- the search space (no model) ---------------------------------------------------------------------------
+
+
+def test_independent_space_fixed_groups_and_baselines(tmp_path: Path) -> None:
+    d = spec_dict(tmp_path, tmp_path)
+    d["search"]["safety"]["groups"] = {"^embed$": [0.0, 0.0], "head": [0.25, 1.0]}
+    d["baselines"] = {"zero": False, "global_lambda": {"vector": "safety", "values": [0.5]}}
+    spec = study_spec_from_dict(d)
+    active = {"safety": GROUPS["safety"], "medical": GROUPS["medical"][1:]}  # medical leaves embed alone
+    space = build_space(spec, GROUPS, active)
+    names = [p.name for p in space.params]
+    assert "safety.embed" not in names and "medical.embed" not in names
+    assert [p for p in space.params if p.name == "safety.head"][0].low == 0.25
+    coefs = space.coefficients({n: 0.25 for n in names})
+    assert coefs["safety"]["embed"] == 0.0 and coefs["safety"]["layer.0"] == 0.25
+    assert coefs["medical"]["embed"] == 0.0 and set(coefs["medical"]) == set(GROUPS["medical"])
+    ((label, lam),) = space.baseline_params(spec)
+    assert label == "lambda=0.5" and lam["safety.layer.0"] == 0.5 and lam["medical.layer.0"] == 0.0
+    assert lam["safety.head"] == 0.5
+    # The zero baseline does not fit head's range [0.25, 1];
+    with pytest.raises(UserError, match=r"baselines.zero: parameter safety.head would be 0, outside its range \[0.25, 1\]"):
+        build_space(study_spec_from_dict({**d, "baselines": {"zero": True}}), GROUPS, active).baseline_params(
+            study_spec_from_dict({**d, "baselines": {"zero": True}}))
+    assert space.coefficients(lam)["safety"]["embed"] == 0.0  # a fixed group keeps its value
+
+
+def test_scaled_space(tmp_path: Path) -> None:
+    d = spec_dict(tmp_path, tmp_path)
+    d["search"]["safety"] = {"scale": [0.0, 1.0], "factor": [0.5, 1.5]}
+    spec = study_spec_from_dict(d)
+    space = build_space(spec, GROUPS, GROUPS)
+    names = {p.name for p in space.params}
+    assert "safety.scale" in names and "safety.factor.layer.1" in names and "safety.layer.1" not in names
+    values = {n: 1.0 for n in names} | {"safety.scale": 0.4, "safety.factor.head": 1.5}
+    coefs = space.coefficients(values)
+    assert coefs["safety"]["layer.0"] == pytest.approx(0.4)
+    assert coefs["safety"]["head"] == pytest.approx(0.6)
+    lam = dict(space.baseline_params(spec))["lambda=0.5"]
+    assert space.coefficients(lam)["safety"] == dict.fromkeys(GROUPS["safety"], 0.5)
+
+
+# -- the front (no model) ------------------------------------------------------------------------------
+
+
+def _rec(n: int, s: float, m: float, over: float = 0.0, baseline: str | None = None) -> TrialRecord:
+    return TrialRecord(n, "COMPLETE", {"safety": s, "medical": m}, {"over_refusal": over - 0.1}, {"over_refusal": over},
+                       baseline=baseline)
+
+
+DIRS = {"safety": "maximize", "medical": "maximize"}
+
+
+def test_front_feasibility_picks_and_baselines() -> None:
+    rs = [
+        _rec(0, 0.0, 0.6, baseline="zero"),
+        _rec(1, 0.9, 0.5, baseline="lambda=0.5"),
+        _rec(2, 1.0, 0.55, over=0.8, baseline="lambda=1"),  # best scores, but infeasible
+        _rec(3, 0.95, 0.52),
+        _rec(4, 0.5, 0.58),
+        _rec(5, 0.4, 0.57),  # dominated by 4
+        _rec(6, 0.95, 0.52),  # ties with 3: both on the front
+    ]
+    fr = front(rs, DIRS)
+    assert [r.number for r in fr] == [0, 3, 4, 6]
+    assert dominates(rs[4].scores, rs[5].scores, DIRS) and not dominates(rs[3].scores, rs[6].scores, DIRS)
+    assert pick(rs, DIRS, "max-safety").number == 3  # a tie goes to the earlier trial
+    assert pick(rs, DIRS, "max-medical").number == 0
+    assert knee(fr, DIRS).number == 4
+    best = best_baseline(rs, DIRS)
+    assert [r.number for r in best] == [1]  # lambda=1 is infeasible: the feasible grid point competes
+    assert front_covers(fr, best[0], DIRS)
+    assert not front_covers([rs[0]], best[0], DIRS)
+    # Minimised objectives flip the comparison.
+    assert [r.number for r in front(rs, {"safety": "minimize", "medical": "minimize"})] == [0, 1, 5]
+    # Nothing feasible: every scored trial competes.
+    assert [r.number for r in front([rs[2]], DIRS)] == [2]
+
+
+# -- trials on the small toy world -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world_spec(toyworld_small: Path, tmp_path_factory: pytest.TempPathFactory) -> StudySpec:
+    return _spec(tmp_path_factory.mktemp("search"), toyworld_small, n_trials=4)
+
+
+@pytest.fixture(scope="module")
+def worker(world_spec: StudySpec):
+    w = open_worker(world_spec, device="cpu")
+    yield w
+    w.close()
+
+
+def test_a_study_runs_its_baselines_first_and_records_every_trial(
+    world_spec: StudySpec, worker, tmp_path: Path, toyworld_small: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    storage = open_storage(url)
+    store = artifact_store_for(url)
+    worker.artifact_store = store
+    study, created = ensure_study(world_spec, storage, worker.space)
+    assert created
+    seen: list[Any] = []
+    assert worker.work(study, world_spec.n_trials, on_trial=seen.append) == 4
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert [t.user_attrs.get(BASELINE_ATTR) for t in trials] == ["zero", "lambda=0.5", None, None]
+    zero = trials[0]
+    assert set(zero.params.values()) == {0.0}
+    assert all(c == 0.0 for row in zero.user_attrs["coefficients"].values() for c in row.values())
+    for t in trials:
+        u = t.user_attrs
+        assert set(u["scores"]) == {"safety", "medical"} and set(u["constraint_scores"]) == {"over_refusal"}
+        assert t.values == [u["scores"]["safety"], u["scores"]["medical"]]
+        assert t.constraints == {"over_refusal": pytest.approx(u["constraint_scores"]["over_refusal"] - 0.1)}
+        assert u["merge_s"] >= 0 and u["eval_s"] > 0
+        assert set(u["suites"]) == {
+            "toy-harmful-general@search[12]", "toy-harmful-medical@search[12]",
+            "toy-mcq-medical@search[12]", "toy-benign@search[12]",
+        }
+        (meta,) = get_all_artifact_meta(t, storage=storage)
+        assert meta.filename == f"responses-{t.number}.json"
+        path = tmp_path / f"a{t.number}.json"
+        download_artifact(artifact_store=store, file_path=str(path), artifact_id=meta.artifact_id)
+        payload = json.loads(path.read_text())
+        harmful = payload["suites"]["toy-harmful-general@search[12]"]["items"]
+        assert len(harmful) == 12 and all("response" in it and "verdict" in it for it in harmful)
+    assert [o.number for o in seen] == [0, 1, 2, 3]
+    assert all(o.seconds["total"] >= o.seconds["eval"] > 0 for o in seen)
+
+    # The zero baseline is the anchor as is: the same scores as the medical checkpoint loaded plainly.
+    plain = TransformersBackend.from_pretrained(toyworld_small / "medical")
+    assert score_all(world_spec, run_tasks(plain, worker.tasks))["scores"] == zero.user_attrs["scores"]
+
+    # The budget is reached: another worker pass runs nothing.
+    assert worker.work(study, world_spec.n_trials) == 0
+    # Joining with the same spec works; with another search space or other directions it does not.
+    assert ensure_study(world_spec, storage, worker.space)[1] is False
+    other = study_spec_from_dict({**world_spec.to_dict(), "search": {**world_spec.to_dict()["search"],
+                                  "safety": {"range": [0.0, 2.0]}}})
+    with pytest.raises(UserError, match=r"study 't' exists with another spec"):
+        ensure_study(other, storage, build_space(other, *groups_of(other)))
+    single = study_spec_from_dict({**world_spec.to_dict(), "sampler": {"name": "cmaes-weighted"}})
+    with pytest.raises(UserError, match=r"study 't' in storage sqlite:///.*s.db exists with directions \[maximize, maximize\], not \[maximize\]"):
+        ensure_study(single, storage, worker.space)
+    rs = records(study)
+    assert len(rs) == 4 and front(rs, {"safety": "maximize", "medical": "maximize"})
+
+
+def test_cmaes_weighted_is_single_objective_with_a_front(world_spec: StudySpec, worker, tmp_path: Path) -> None:
+    d = world_spec.to_dict()
+    d.update(name="w", n_trials=3, sampler={"name": "cmaes-weighted", "weights": {"safety": 0.7, "medical": 0.3}},
+             baselines={"zero": True})
+    spec = study_spec_from_dict(d)
+    worker.spec, worker.artifact_store = spec, None
+    try:
+        study, _ = ensure_study(spec, RDBStorage(f"sqlite:///{tmp_path / 'w.db'}"), worker.space)
+        assert worker.work(study, spec.n_trials) == 3
+    finally:
+        worker.spec = world_spec
+    assert isinstance(study.sampler, optuna.samplers.CmaEsSampler)
+    for t in study.get_trials():
+        s = t.user_attrs["scores"]
+        assert t.values == [pytest.approx(0.7 * s["safety"] + 0.3 * s["medical"])]
+        assert objective_values(spec, s) == t.values
+    assert front(records(study), {"safety": "maximize", "medical": "maximize"})
+
+
+def test_a_failing_trial_is_told_fail(world_spec: StudySpec, worker, tmp_path: Path) -> None:
+    study, _ = ensure_study(world_spec, RDBStorage(f"sqlite:///{tmp_path / 'f.db'}"), worker.space)
+    trial = study.ask()
+    real = worker.grafted
+
+    class Broken:
+        def apply(self, coefs: Any) -> None:
+            raise RuntimeError("device lost")
+
+    worker.grafted = Broken()
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            worker.run_trial(study, trial)
+    finally:
+        worker.grafted = real
+    t = study.get_trials()[0]
+    assert t.state == TrialState.FAIL and t.user_attrs["error"] == "RuntimeError: device lost"

@@ -1,0 +1,253 @@
+"""The study storage: URLs and their masking, one-line errors, SQLite default, PostgreSQL under races."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy as sa
+from optuna.trial import TrialState
+
+from safesearch.cli import main
+from safesearch.errors import UserError
+from safesearch.storage import (
+    DEFAULT_STORAGE_URL,
+    SURPLUS_ATTR,
+    artifact_store_for,
+    count_states,
+    fail_stale,
+    mask_url,
+    next_trial,
+    open_storage,
+    open_study,
+    resolve_url,
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql+psycopg://postgres:s3cr%40t@db.example:5432/studies",
+         "postgresql+psycopg://postgres:***@db.example:5432/studies"),
+        ("postgresql+psycopg2://u:p@h/d?sslmode=require", "postgresql+psycopg2://u:***@h/d?sslmode=require"),
+        ("postgresql+psycopg://user:p@ss@host:5432/db", "postgresql+psycopg://user:***@host:5432/db"),
+        ("postgresql+psycopg://u@h:5432/d?password=hunter2&x=1", "postgresql+psycopg://u@h:5432/d?password=***&x=1"),
+        ("postgresql+psycopg://postgres@127.0.0.1:5432/test", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+        ("sqlite:///storage/safesearch.db", "sqlite:///storage/safesearch.db"),
+    ],
+)
+def test_mask_url_hides_passwords_only(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+def test_resolve_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SAFESEARCH_STORAGE", raising=False)
+    assert resolve_url(None) == DEFAULT_STORAGE_URL == "sqlite:///storage/safesearch.db"
+    monkeypatch.setenv("SAFESEARCH_STORAGE", "postgresql://u@h/d")
+    assert resolve_url(None) == "postgresql+psycopg://u@h/d"  # psycopg 3: what is installed
+    assert resolve_url("runs/x.db") == "sqlite:///runs/x.db"
+    assert resolve_url("postgresql+psycopg2://u@h/d") == "postgresql+psycopg2://u@h/d"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+def test_sqlite_default_creates_store_under_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SAFESEARCH_STORAGE", raising=False)
+    monkeypatch.delenv("SAFESEARCH_ARTIFACTS", raising=False)
+    storage = open_storage()
+    study = open_study(storage, "s", ["maximize", "maximize"])
+    study.tell(study.ask(), [0.5, 0.5])
+    assert (tmp_path / "storage" / "safesearch.db").is_file()
+    assert Path(artifact_store_for()._base_path) == Path("storage") / "artifacts"
+    assert (tmp_path / "storage" / "artifacts").is_dir()
+    # Reopening sees the same study (a second process resumes it).
+    again = open_study(open_storage(), "s", ["maximize", "maximize"])
+    assert [t.values for t in again.trials] == [[0.5, 0.5]]
+    # Artifacts of a server URL default to storage/artifacts; an explicit path wins.
+    assert Path(artifact_store_for("postgresql+psycopg://u@h/d")._base_path) == Path("storage/artifacts")
+    assert Path(artifact_store_for(None, tmp_path / "shared")._base_path) == tmp_path / "shared"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql+psycopg://postgres:s3cret@127.0.0.1:1/studies",
+         "error: storage postgresql+psycopg://postgres:***@127.0.0.1:1/studies: cannot connect to host "
+         "127.0.0.1:1, database 'studies' ("),
+        ("mysql://root:s3cret@127.0.0.1/studies",
+         "error: storage mysql://root:***@127.0.0.1/studies: unsupported database 'mysql'"),
+        ("postgresql+psycopg2://postgres:s3cret@127.0.0.1/studies",
+         "error: storage postgresql+psycopg2://postgres:***@127.0.0.1/studies: "),
+        ("postgresql+psycopg://postgres:s3cret@127.0.0.1:notaport/studies",
+         "error: storage postgresql+psycopg://postgres:***@127.0.0.1:notaport/studies: not a database URL"),
+    ],
+)
+def test_bad_storage_url_is_one_line_with_password_masked(
+    url: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["dashboard", "--storage", url, "--port", "0"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert err.startswith(expected), err
+    assert err.count("\n") == 1 and "s3cret" not in err and "Traceback" not in err
+
+
+def test_unknown_database_on_real_server_names_host_and_database(postgres_url: str) -> None:
+    url = sa.engine.make_url(postgres_url).set(password="s3cret", database="no_such_db_safesearch")
+    with pytest.raises(UserError) as e:
+        open_storage(url.render_as_string(hide_password=False))
+    msg = e.value.message
+    assert "s3cret" not in msg and ":***@" in msg and "\n" not in msg
+    assert "cannot connect to host 127.0.0.1:5432, database 'no_such_db_safesearch'" in msg
+    assert "does not exist" in msg  # the server's own reason
+
+
+@pytest.fixture
+def fresh_schema(postgres_url: str) -> Iterator[str]:
+    """A URL on the test database whose search_path is a new, empty schema (dropped afterwards),
+    so that Optuna's tables are created from scratch."""
+    schema = f"storage_test_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(postgres_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"create schema {schema}"))
+    sep = "&" if "?" in postgres_url else "?"
+    try:
+        yield f"{postgres_url}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"drop schema {schema} cascade"))
+        engine.dispose()
+
+
+INIT_WORKER = """
+import sys, time, warnings
+warnings.simplefilter("ignore")
+import optuna
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+from safesearch.storage import open_storage, open_study
+url, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+    time.sleep(0.001)
+study = open_study(open_storage(url, heartbeat_interval=1), "race", ["maximize", "maximize"])
+study.tell(study.ask(), [1.0, 1.0])
+print("ok", study._study_id)
+"""
+
+
+def test_concurrent_first_init_on_postgres(fresh_schema: str) -> None:
+    """Workers started at the same moment on an empty database: all of them open the storage and
+    join one study. (Plain RDBStorage inits race here: duplicate pg_type / table errors.)"""
+    n = 5
+    start = time.time() + 6  # after every interpreter has imported optuna and sqlalchemy
+    procs = [
+        subprocess.Popen([sys.executable, "-c", INIT_WORKER, fresh_schema, str(start)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    assert len({out.split()[1] for out, _ in outs}) == 1  # one study, the same id everywhere
+    study = optuna.load_study(study_name="race", storage=open_storage(fresh_schema, heartbeat_interval=None))
+    assert len(study.trials) == n
+    with sa.create_engine(fresh_schema).connect() as conn:
+        assert conn.execute(sa.text("select count(*) from version_info")).scalar_one() == 1
+        assert conn.execute(sa.text("select count(*) from alembic_version")).scalar_one() == 1
+
+
+def test_existing_study_with_other_directions_is_refused(postgres_url: str) -> None:
+    storage = open_storage(postgres_url, heartbeat_interval=None)
+    name = f"dirs-{uuid.uuid4().hex[:8]}"
+    open_study(storage, name, ["maximize", "maximize"])
+    try:
+        with pytest.raises(UserError) as e:
+            open_study(storage, name, ["maximize", "minimize"])
+        assert e.value.message == (
+            f"study {name!r} in storage {postgres_url} exists with directions [maximize, maximize], "
+            "not [maximize, minimize]; choose another study name"
+        )
+        assert len(open_study(storage, name, ["maximize", "maximize"]).directions) == 2  # same: joins
+    finally:
+        optuna.delete_study(study_name=name, storage=storage)
+
+
+def test_missing_study_when_not_creating(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=None)
+    with pytest.raises(UserError, match=r"^study 'nope': not found in storage sqlite:///"):
+        open_study(storage, "nope", ["maximize"], create=False)
+
+
+def test_pool_is_small_per_worker(postgres_url: str) -> None:
+    storage = open_storage(postgres_url)
+    pool = storage.engine.pool
+    assert pool.size() == 2 and pool._max_overflow == 2 and pool._pre_ping
+    assert storage.heartbeat_interval == 60 and storage.get_heartbeat_stale_trial_callback() is not None
+
+
+def test_next_trial_keeps_the_budget(tmp_path: Path) -> None:
+    """Single process, but the states other workers would leave: surplus asks are told FAIL, queued
+    trials run first, and without a heartbeat a worker does not wait for others' running trials."""
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=None)
+    study = open_study(storage, "budget", ["maximize"])
+    study.enqueue_trial({"x": 0.0})
+    first = next_trial(study, 3)
+    assert first is not None and first.suggest_float("x", -1, 1) == 0.0  # the queued one
+    other = study.ask()  # another worker's running trial
+    third = next_trial(study, 3)
+    assert third is not None
+    assert next_trial(study, 3) is None  # budget held by running trials, nobody to wait for
+    assert count_states(study)[TrialState.FAIL] == 0  # nothing was asked for beyond the budget
+    for t in (first, other, third):
+        t.suggest_float("x", -1, 1)
+        study.tell(t, [1.0])
+    assert next_trial(study, 3) is None
+    counts = count_states(study)
+    assert counts[TrialState.COMPLETE] == 3 and counts[TrialState.RUNNING] == 0
+
+
+def test_next_trial_marks_surplus(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=None)
+    study = open_study(storage, "surplus", ["maximize"])
+    held = [study.ask(), study.ask()]  # two running trials of other workers
+    # Budget 2 is held, but a queued trial exists: it is asked for, lies beyond the budget, is refused.
+    study.enqueue_trial({"x": 0.5})
+    assert next_trial(study, 2) is None
+    (refused,) = study.get_trials(states=(TrialState.FAIL,))
+    assert refused.system_attrs[SURPLUS_ATTR] is True and refused.number == 2
+    for t in held:
+        study.tell(t, [0.0])
+    assert count_states(study)[TrialState.COMPLETE] == 2
+
+
+def test_trial_that_never_beat_is_failed_and_retried(postgres_url: str) -> None:
+    """A worker killed between its ask and its first heartbeat leaves a RUNNING trial that Optuna's own
+    stale check never judges (no beat on record); fail_stale fails it after the grace period seen
+    from here, and the retry is queued like any stale trial's."""
+    storage = open_storage(postgres_url, heartbeat_interval=1, grace_period=1)
+    name = f"silent-{uuid.uuid4().hex[:8]}"
+    study = open_study(storage, name, ["maximize"])
+    try:
+        with pytest.warns(UserWarning, match="Heartbeat"):
+            silent = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        fail_stale(study)  # first seen silent now
+        assert study.get_trials()[0].state == TrialState.RUNNING
+        time.sleep(1.5)
+        fail_stale(study)
+        failed, retry = study.get_trials()
+        assert failed.number == silent.number and failed.state == TrialState.FAIL
+        assert retry.state == TrialState.WAITING and retry.system_attrs["failed_trial"] == silent.number
+        assert retry.params == failed.params
+        # The retry is what the next ask picks up, within the budget.
+        picked = next_trial(study, 1)
+        assert picked is not None and picked.number == retry.number
+        study.tell(picked, [1.0])
+        assert next_trial(study, 1) is None
+    finally:
+        optuna.delete_study(study_name=name, storage=storage)

@@ -1,0 +1,180 @@
+"""The search commands end to end on the small toy world: run, pareto, validate, export (reloaded with
+plain transformers and re-scored to the stored values), worker, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from study_world import spec_dict, write_spec
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from safesearch.backends.transformers import TransformersBackend
+from safesearch.cli import main
+from safesearch.search import (
+    HOLDOUT_CHECKPOINT,
+    HOLDOUT_TRIAL,
+    holdout_refs,
+    prepare_tasks,
+    run_tasks,
+    score_all,
+    search_refs,
+)
+from safesearch.studyspec import load_study_spec
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def done(toyworld_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One study run through the CLI: 2 baselines and 2 searched trials, validated, knee exported."""
+    tmp = tmp_path_factory.mktemp("cli")
+    spec = write_spec(tmp / "studies" / "t.yaml", spec_dict(tmp, toyworld_small, subset=10, n_trials=4))
+    url = f"sqlite:///{tmp / 'st' / 'safesearch.db'}"
+    main(["run", str(spec), "--storage", url])
+    main(["validate", "t", "--storage", url])
+    out = tmp / "exports" / "knee"
+    main(["export", "t", "--pick", "knee", "--out", str(out), "--storage", url])
+    return {"tmp": tmp, "spec": spec, "url": url, "out": out}
+
+
+def _study(done: dict[str, Any]) -> optuna.Study:
+    return optuna.load_study(study_name="t", storage=done["url"])
+
+
+def test_run_fills_the_study_and_pareto_reports_it(done: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
+    study = _study(done)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert [t.user_attrs.get("baseline") for t in study.trials[:2]] == ["zero", "lambda=0.5"]
+    code, out, err = run(["pareto", "t", "--storage", done["url"], "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["directions"] == {"safety": "maximize", "medical": "maximize"}
+    assert report["n_complete"] == 4
+    assert {b["baseline"] for b in report["baselines"]} == {"zero", "lambda=0.5"}
+    assert report["front"] and set(report["picks"]) == {"knee", "max-safety", "max-medical"}
+    plot = Path(report["plot"])
+    assert plot == done["tmp"] / "st" / "plots" / "t-pareto.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, _ = run(["pareto", "t", "--storage", done["url"]], capsys)
+    assert code == 0 and "Pareto front" in out and "lambda=0.5" in out and "knee = trial" in out
+
+
+def test_validate_stores_holdout_scores_for_front_baselines_and_checkpoints(done: dict[str, Any]) -> None:
+    study = _study(done)
+    attrs = study.user_attrs
+    report_front = {r["trial"] for r in json.loads(_pareto_json(done))["front"]}
+    for n in report_front | {0, 1}:
+        h = attrs[f"{HOLDOUT_TRIAL}{n}"]
+        assert set(h["scores"]) == {"safety", "medical"} and "over_refusal" in h["constraint_scores"]
+        assert "toy-mcq-medical@holdout[10]" in h["suites"]
+    # The checkpoints the vectors add; the anchor (medical) is the zero baseline's weights, scored once.
+    assert {k for k in attrs if k.startswith(HOLDOUT_CHECKPOINT)} == {
+        f"{HOLDOUT_CHECKPOINT}aligned", f"{HOLDOUT_CHECKPOINT}medical"}
+    assert attrs[f"{HOLDOUT_CHECKPOINT}medical"] == attrs[f"{HOLDOUT_TRIAL}0"]
+    aligned = attrs[f"{HOLDOUT_CHECKPOINT}aligned"]["suites"]
+    assert aligned["toy-harmful-general@holdout[10]"]["n"] == 10
+
+
+def _pareto_json(done: dict[str, Any]) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["pareto", "t", "--storage", done["url"], "--json"])
+    return buf.getvalue()
+
+
+def test_export_reloads_with_plain_transformers_and_rescores_exactly(done: dict[str, Any]) -> None:
+    out: Path = done["out"]
+    prov = json.loads((out / "safesearch.json").read_text())
+    s = prov["study"]
+    study = _study(done)
+    trial = study.trials[s["trial"]]
+    assert s["name"] == "t" and s["pick"] == "knee"
+    assert s["search_scores"] == trial.user_attrs["scores"]
+    assert s["holdout"]["scores"] == study.user_attrs[f"{HOLDOUT_TRIAL}{s['trial']}"]["scores"]
+    assert prov["coefficients"] == trial.user_attrs["coefficients"]
+
+    # Plain transformers: the exported directory loads on its own and scores what the trial scored.
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    backend = TransformersBackend(model, tokenizer)
+    spec = load_study_spec(done["spec"])
+    search = score_all(spec, run_tasks(backend, prepare_tasks(search_refs(spec), spec.data_root)))
+    assert search["scores"] == trial.user_attrs["scores"]
+    assert search["constraint_scores"] == trial.user_attrs["constraint_scores"]
+    holdout = score_all(spec, run_tasks(backend, prepare_tasks(holdout_refs(spec), spec.data_root)), holdout=True)
+    assert holdout["scores"] == s["holdout"]["scores"]
+
+
+def test_export_refuses_missing_and_unfinished_trials(done: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
+    url, tmp = done["url"], done["tmp"]
+    code, _, err = run(["export", "t", "--trial", "99", "--out", str(tmp / "x"), "--storage", url], capsys)
+    assert code == 2 and err == "error: --trial 99: study 't' has no such trial (trials 0-3)\n"
+    study = _study(done)
+    failed = study.ask()
+    study.tell(failed, state=TrialState.FAIL)
+    code, _, err = run(["export", "t", "--trial", str(failed.number), "--out", str(tmp / "x"), "--storage", url], capsys)
+    assert code == 2
+    assert err == f"error: --trial {failed.number}: trial {failed.number} of study 't' is FAIL, not COMPLETE; only completed trials export\n"
+    code, _, err = run(["export", "nope", "--pick", "knee", "--out", str(tmp / "x"), "--storage", url], capsys)
+    assert code == 2 and err.startswith("error: study 'nope': not found in storage sqlite:///") and err.count("\n") == 1
+    code, _, err = run(["export", "t", "--trial", "0", "--out", str(done["out"]), "--storage", url], capsys)
+    assert code == 2 and "already exists" in err
+    assert not (tmp / "x").exists()
+
+
+def test_worker_joins_and_study_errors(done: dict[str, Any], toyworld_small: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    spec = write_spec(tmp_path / "w.yaml", spec_dict(tmp_path, toyworld_small, subset=6, n_trials=3,
+                                                     baselines={"zero": True}))
+    code, _, err = run(["study", "create", str(spec), "--storage", url], capsys)
+    assert code == 0 and "created study t" in err and "1 baselines enqueued" in err
+    code, _, err = run(["worker", str(spec), "--storage", url, "--n-trials", "1"], capsys)
+    assert code == 0 and "worker done: 1 trials here; the study has 1/3 complete" in err
+    code, _, err = run(["worker", str(spec), "--storage", url], capsys)
+    assert code == 0 and "worker done: 2 trials here; the study has 3/3 complete" in err
+    study = optuna.load_study(study_name="t", storage=url)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert study.trials[0].user_attrs["baseline"] == "zero"
+
+    # The same name with other directions: one line, nothing changed.
+    single = write_spec(tmp_path / "s.yaml", spec_dict(tmp_path, toyworld_small, subset=6, n_trials=3,
+                                                       sampler={"name": "cmaes-weighted"}))
+    code, _, err = run(["worker", str(single), "--storage", url], capsys)
+    assert code == 2
+    assert err.startswith("error: study 't' in storage sqlite:///") and "exists with directions [maximize, maximize], not [maximize]" in err
+    # A server that cannot be reached: named, password masked.
+    code, _, err = run(["study", "create", str(spec), "--storage",
+                        "postgresql+psycopg://u:s3cret@127.0.0.1:1/nodb"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "s3cret" not in err and "127.0.0.1" in err and "nodb" in err
+
+
+def test_the_demo_points_the_toy_study_at_its_world(tmp_path: Path) -> None:
+    from safesearch.cli.demo import demo_spec
+
+    storage = tmp_path / "elsewhere"
+    (storage / "toyworld").mkdir(parents=True)
+    spec = demo_spec(storage, 2)
+    assert spec.name == "toy-seed2" and spec.seed == 2
+    assert spec.graft.checkpoints["aligned"].path == (storage / "toyworld" / "aligned").resolve()
+    # The toy suites read storage/toyworld/data/... under the data root: that is this world's data.
+    suite = spec.objectives[0].suites[0].suite
+    data = suite.dataset.resolved_path(spec.data_root).parent.parent
+    assert data.resolve() == (storage / "toyworld" / "data").resolve()
+    assert demo_spec(tmp_path / "storage", 0).data_root == tmp_path.resolve()
