@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--world", type=Path, default=None, help="A built toy world (default: storage/toyworld).")
     ap.add_argument("--trials", type=int, default=12, help="Trials per storage (baselines included).")
     ap.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    ap.add_argument("--full-splits", action="store_true",
+                    help="Score every item of the search splits (the toy spec scores seeded subsets).")
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     hf_logging.disable_progress_bar()
@@ -53,6 +55,12 @@ def main() -> None:
     spec = demo_spec(storage_dir, 0)
     name = f"bench-{uuid.uuid4().hex[:8]}"
     spec = dataclasses.replace(spec, name=name)
+    if args.full_splits:
+        spec = dataclasses.replace(
+            spec,
+            objectives=tuple(_every_item(o) for o in spec.objectives),
+            constraints=tuple(_every_item(c) for c in spec.constraints),
+        )
     space = build_space(spec, *groups_of(spec))
     worker = open_worker(spec, device="cpu", space=space)
 
@@ -88,6 +96,14 @@ def main() -> None:
     )
     print(f"\ngoal: time outside evaluation <= 10% of the trial; worst storage: {worst:.1%} "
           f"({'met' if worst <= 0.10 else 'NOT met'})")
+    for kind, outs in outcomes.items():
+        fixed = statistics.median(o.seconds["total"] - o.seconds["eval"] for o in outs)
+        print(f"{kind}: {fixed * 1e3:.0f} ms per trial outside evaluation; 10% holds once a trial's evaluation "
+              f"takes >= {9 * fixed:.2f} s")
+
+
+def _every_item(x):
+    return dataclasses.replace(x, suites=tuple(dataclasses.replace(r, subset=None) for r in x.suites))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def records(study: optuna.Study, states: Sequence[TrialState] = (TrialState.COMP
                 coefficients=u.get("coefficients", {}),
                 suites=u.get("suites", {}),
                 holdout=attrs.get(f"{HOLDOUT_TRIAL}{t.number}"),
-                seconds={k: u[k] for k in ("merge_s", "eval_s") if k in u},
+                seconds=dict(u.get("seconds", {})),
             )
         )
     return out

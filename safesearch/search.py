@@ -7,8 +7,8 @@ coefficients (:class:`SearchSpace`), merge them in place (``grafted.apply``), sc
 search split, record, tell. What a trial records:
 
 - user attrs ``scores`` (objective -> value on the search split), ``constraint_scores`` (constraint ->
-  value), ``suites`` (suite@split -> its metrics), ``coefficients`` (the whole table), ``merge_s``,
-  ``eval_s``, ``worker``; a baseline also ``baseline`` (``zero``, ``lambda=0.5``);
+  value), ``suites`` (suite@split -> its metrics), ``coefficients`` (the whole table), ``seconds``
+  (``merge``, ``eval``), ``worker``; a baseline also ``baseline`` (``zero``, ``lambda=0.5``);
 - its constraints through ``trial.set_constraint`` (<= 0 is feasible), which Optuna's samplers read;
 - an artifact ``responses-<trial>.json``: every item's response, verdict or chosen option.
 
@@ -262,6 +262,9 @@ def make_sampler(spec: StudySpec, seed: int | None = None) -> optuna.samplers.Ba
         # Parallel workers: a running trial counts as a bad result, so that two workers do not propose
         # the same point at once (no effect with one worker).
         options.setdefault("constant_liar", True)
+        # One joint proposal per trial: the per-group coefficients act together, and sampling them
+        # jointly reads the study's trials once per trial instead of once per parameter.
+        options.setdefault("multivariate", True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         return sampler_class(spec.sampler.name)(seed=spec.seed if seed is None else seed, **options)
@@ -398,9 +401,7 @@ class Worker:
                 "constraint_scores": scored["constraint_scores"],
                 "suites": scored["suites"],
                 "coefficients": coefs,
-                "merge_s": round(t2 - t1, 4),
-                "eval_s": round(t3 - t2, 4),
-                "worker": self.name,
+                "seconds": {"merge": round(t2 - t1, 4), "eval": round(t3 - t2, 4)},
             }
             for k, v in attrs.items():
                 trial.set_user_attr(k, v)

@@ -38,6 +38,7 @@ Artifacts (:func:`artifact_store_for`): a file store, ``<db dir>/artifacts`` nex
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import time
@@ -147,7 +148,37 @@ def _engine_kwargs(parsed: sa.engine.URL) -> dict[str, Any]:
     if parsed.drivername.startswith("sqlite"):
         # The heartbeat thread writes while the trial loop reads: wait for the file lock, don't fail.
         return {"connect_args": {"timeout": 30}}
-    return {**POOL_KWARGS, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    # synchronous_commit=off for this worker's sessions: a commit returns before the server's WAL flush
+    # (a trial is a few dozen small commits). A server crash may lose the last ~0.6 s of commits, never
+    # consistency; a trial whose tell was lost stays RUNNING and the heartbeat fails and retries it.
+    # The URL's own ``options`` (e.g. a search_path) come after, so they are kept and win.
+    options = " ".join(["-c synchronous_commit=off", *_query_values(parsed, "options")])
+    return {**POOL_KWARGS, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S, "options": options}}
+
+
+def _query_values(parsed: sa.engine.URL, key: str) -> list[str]:
+    value = parsed.query.get(key)
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _fast_sqlite_commits(engine: sa.Engine) -> None:
+    """WAL journal, no fsync per commit: a trial writes a few dozen small rows (one commit each).
+
+    A crash of the machine may lose the last commits, never the database: a trial whose tell was lost
+    stays RUNNING and the heartbeat fails and retries it. Connections opened before this get it too
+    (the pool is emptied).
+    """
+    sa.event.listen(engine, "connect", _sqlite_pragmas)
+    engine.dispose()
 
 
 def _schema_ready(conn: sa.Connection) -> bool:
@@ -229,7 +260,10 @@ def open_storage(
                 "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
             }
         try:
-            return RDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat_kwargs)
+            storage = RDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat_kwargs)
+            if parsed.drivername.startswith("sqlite"):
+                _fast_sqlite_commits(storage.engine)
+            return storage
         except sa.exc.DBAPIError as e:
             where = str(path) if path is not None else _where(parsed)
             raise UserError(f"storage {mask_url(url)}: cannot open {where} ({_reason(e)})") from None
@@ -392,6 +426,7 @@ def count_states(study: optuna.Study) -> dict[TrialState, int]:
 
 
 _CLAIMED = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
+_stale_checked: dict[int, float] = {}  # id of a study's storage -> when this process last ran fail_stale
 
 
 def next_trial(
@@ -417,8 +452,14 @@ def next_trial(
     """
     interval = heartbeat_interval_of(study)
     poll = poll_s if poll_s is not None else min(float(interval or 2), 2.0)
+    waited = False
     while True:
-        fail_stale(study)
+        # A trial goes stale only after the grace period (>= one interval): checking once an interval
+        # while trials flow is enough; while waiting on other workers' trials, check every poll.
+        key = id(study._storage)
+        if waited or interval is None or time.monotonic() - _stale_checked.get(key, -math.inf) >= interval:
+            fail_stale(study)
+            _stale_checked[key] = time.monotonic()
         counts = count_states(study)
         if counts[TrialState.COMPLETE] >= n_trials:
             return None
@@ -427,6 +468,7 @@ def next_trial(
             if interval is None or (should_stop is not None and should_stop()):
                 return None
             time.sleep(poll)
+            waited = True
             continue
         with warnings.catch_warnings():
             # Optuna warns that heartbeats are meant for study.optimize; heartbeat() covers ask/tell.

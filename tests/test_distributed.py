@@ -30,9 +30,9 @@ WORKER_TIMEOUT_S = 240
 
 
 def write_toy_spec(env: dict, n_trials: int) -> Path:
-    """The small toy study of tests/study_world.py with 4 items per suite and no constraint: a trial
-    takes about a second."""
-    data = spec_dict(env["dir"], env["world"], subset=4, n_trials=n_trials, name=env["name"], constraints=[])
+    """The small toy study of tests/study_world.py with 64 items per suite and no constraint: a trial
+    takes about a second, so the study outlasts the spread of the workers' start-up (seconds)."""
+    data = spec_dict(env["dir"], env["world"], subset=64, n_trials=n_trials, name=env["name"], constraints=[])
     return write_spec(env["dir"] / "spec.yaml", data)
 
 

@@ -152,7 +152,7 @@ def test_a_study_runs_its_baselines_first_and_records_every_trial(
         assert set(u["scores"]) == {"safety", "medical"} and set(u["constraint_scores"]) == {"over_refusal"}
         assert t.values == [u["scores"]["safety"], u["scores"]["medical"]]
         assert t.constraints == {"over_refusal": pytest.approx(u["constraint_scores"]["over_refusal"] - 0.1)}
-        assert u["merge_s"] >= 0 and u["eval_s"] > 0
+        assert u["seconds"]["merge"] >= 0 and u["seconds"]["eval"] > 0
         assert set(u["suites"]) == {
             "toy-harmful-general@search[12]", "toy-harmful-medical@search[12]",
             "toy-mcq-medical@search[12]", "toy-benign@search[12]",

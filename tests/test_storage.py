@@ -251,3 +251,23 @@ def test_trial_that_never_beat_is_failed_and_retried(postgres_url: str) -> None:
         assert next_trial(study, 1) is None
     finally:
         optuna.delete_study(study_name=name, storage=storage)
+
+
+def test_worker_sessions_commit_without_waiting_for_the_flush_and_keep_url_options(fresh_schema: str) -> None:
+    """open_storage turns synchronous_commit off for its sessions, and the URL's own ``options`` (here a
+    search_path) still apply."""
+    storage = open_storage(fresh_schema, heartbeat_interval=None)
+    schema = fresh_schema.rsplit("search_path%3D", 1)[1]
+    with storage.engine.connect() as conn:
+        assert conn.execute(sa.text("show synchronous_commit")).scalar_one() == "off"
+        assert conn.execute(sa.text("show search_path")).scalar_one() == schema
+        tables = conn.execute(sa.text("select count(*) from information_schema.tables where table_schema = :s"),
+                              {"s": schema}).scalar_one()
+    assert tables > 0  # Optuna's tables went into the URL's schema
+
+
+def test_sqlite_store_runs_in_wal_mode(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=None)
+    with storage.engine.connect() as conn:
+        assert conn.execute(sa.text("pragma journal_mode")).scalar_one() == "wal"
+        assert conn.execute(sa.text("pragma synchronous")).scalar_one() == 1  # NORMAL

@@ -120,7 +120,7 @@ def _worker_seed(spec: StudySpec, created: bool) -> int:
 
 def _trial_line(outcome: Any, n_done: int, n_trials: int) -> str:
     scores = " ".join(f"{k}={v:.3f}" for k, v in outcome.scores.items())
-    tag = f" [{outcome.baseline}]" if outcome.baseline else ""
+    tag = escape(f" [{outcome.baseline}]") if outcome.baseline else ""
     s = outcome.seconds
     return (f"trial {outcome.number}{tag}: {scores}  (merge {s['merge']:.2f}s, eval {s['eval']:.1f}s)"
             f"  study {n_done}/{n_trials}")
