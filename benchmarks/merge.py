@@ -154,9 +154,10 @@ def main() -> None:
         assert all(torch.equal(params[n], t) for n, t in first.items())
 
         chunks = {}
-        for chunk in (1 << 15, 1 << 17, DEFAULT_CHUNK["cpu"], None):
+        for chunk in [*sorted({1 << k for k in range(15, 21)} | {DEFAULT_CHUNK["cpu"]}), None]:
             m = Merger(merger.anchor, merger.vectors, merger.grouping, chunk=chunk or max(a.numel() for a in merger.anchor.values()))
-            chunks["whole tensor" if chunk is None else f"{chunk}"] = best(lambda m=m: m.apply(model, coefs), args.repeat)
+            label = "whole tensor" if chunk is None else f"{chunk}" + (" (default)" if chunk == DEFAULT_CHUNK["cpu"] else "")
+            chunks[label] = best(lambda m=m: m.apply(model, coefs), args.repeat)
         merger.apply(model, coefs)
 
         out = root / "exported"
