@@ -28,4 +28,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check safesearch tests benchmarks
 
 clean:
-	rm -rf $(VENV) storage/toyworld storage/*.db storage/artifacts
+	rm -rf $(VENV) storage/toyworld storage/*.db storage/*.db-wal storage/*.db-shm storage/artifacts
