@@ -426,7 +426,8 @@ def count_states(study: optuna.Study) -> dict[TrialState, int]:
 
 
 _CLAIMED = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
-_stale_checked: dict[int, float] = {}  # id of a study's storage -> when this process last ran fail_stale
+# (id of the storage, study id) -> when this process last ran fail_stale on that study
+_stale_checked: dict[tuple[int, int], float] = {}
 
 
 def next_trial(
@@ -456,7 +457,7 @@ def next_trial(
     while True:
         # A trial goes stale only after the grace period (>= one interval): checking once an interval
         # while trials flow is enough; while waiting on other workers' trials, check every poll.
-        key = id(study._storage)
+        key = (id(study._storage), study._study_id)
         if waited or interval is None or time.monotonic() - _stale_checked.get(key, -math.inf) >= interval:
             fail_stale(study)
             _stale_checked[key] = time.monotonic()
