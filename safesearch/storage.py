@@ -261,7 +261,7 @@ def open_storage(
             }
         try:
             storage = RDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat_kwargs)
-            if parsed.drivername.startswith("sqlite"):
+            if is_sqlite(url):
                 _fast_sqlite_commits(storage.engine)
             return storage
         except sa.exc.DBAPIError as e:
