@@ -145,7 +145,7 @@ class Checkpoint:
         self.label = label or str(self.path)
         if not self.path.is_dir():
             what = "is not a directory" if self.path.exists() else "does not exist"
-            raise UserError(f"checkpoint {self.label}: {self.path} {what}")
+            raise UserError(f"checkpoint {self.label}: {what}")
         self.tensors: dict[str, TensorInfo] = self._read_headers()
         self._handles: dict[Path, object] = {}
 
@@ -173,15 +173,15 @@ class Checkpoint:
                 "(unpickling runs code); convert them once where you trust the source: python -c \"import sys, transformers; "
                 "transformers.AutoModel.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])\" DIR NEW_DIR"
             )
-        raise UserError(f"checkpoint {self.label}: no {SINGLE_FILE} or {INDEX_FILE} in {self.path}")
+        raise UserError(f"checkpoint {self.label}: no {SINGLE_FILE} or {INDEX_FILE}")
 
     def _read_index(self, index: Path) -> dict[str, TensorInfo]:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"{index}: corrupt index (expected JSON with a 'weight_map' object)") from None
+        from safesearch.textfiles import read_json
+
+        weight_map = read_json(index, "checkpoint index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: corrupt index (expected JSON with a 'weight_map' object)")
         headers: dict[str, dict[str, TensorInfo]] = {}
         out: dict[str, TensorInfo] = {}
         for key, shard_name in weight_map.items():
@@ -201,13 +201,15 @@ class Checkpoint:
     @cached_property
     def config(self) -> dict:
         """``config.json`` as a dict (empty when the directory has none)."""
+        from safesearch.textfiles import read_json
+
         path = self.path / "config.json"
         if not path.is_file():
             return {}
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            raise UserError(f"checkpoint {self.label}: {path} is not valid JSON") from None
+            data = read_json(path, "config")
+        except UserError as e:
+            raise UserError(f"checkpoint {self.label}: {e.message}") from None
         if not isinstance(data, dict):
             raise UserError(f"checkpoint {self.label}: {path} is not a JSON object")
         return data
@@ -298,6 +300,20 @@ class Checkpoint:
         """(model name, tensor info) for every tensor of the checkpoint."""
         for name, key in self.layout.names.items():
             yield name, self.tensors[key]
+
+
+def check_model(path: Path) -> Checkpoint:
+    """A model directory to evaluate, checked without loading its weights: a config.json that is a JSON
+    object transformers can read, safetensors weights (pickle weights refused) whose headers fit their
+    files, and tensors of the shapes the config says."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"model {path}: {'is not a directory' if path.exists() else 'does not exist'}")
+    if not (path / "config.json").is_file():
+        raise UserError(f"model {path}: has no config.json (not a Hugging Face model directory)")
+    ckpt = Checkpoint(path, label=str(path))
+    _ = ckpt.config, ckpt.layout
+    return ckpt
 
 
 def _meta_model(ckpt: Checkpoint) -> torch.nn.Module | None:

@@ -8,13 +8,18 @@ anchor, and ``safesearch.json`` records the coefficients, the spec (vector defin
 of every input file and of every written shard, and the package version.
 
 Everything is written into a hidden temporary directory next to ``out`` and renamed at the end: an
-interrupted export leaves nothing at ``out``; an existing ``out`` is refused unless ``overwrite``.
+interrupted export leaves nothing at ``out``; an existing ``out`` is refused unless ``overwrite``. What a
+killed export left (``.OUT.partial-*``, ``.OUT.old-*``) is removed by the next export to ``out``: one
+export per ``out`` at a time. A merged tensor holding NaN or inf (coefficients that overflow the working
+dtype, or an input that holds them) stops the export, naming the tensor; nothing is written.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -31,8 +36,8 @@ from safesearch import __version__
 from safesearch.checkpoint import DTYPE_CODES, INDEX_FILE, SINGLE_FILE, Checkpoint, natural_key
 from safesearch.errors import UserError
 from safesearch.merging import Coefficients, Merger
+from safesearch.outputs import PROVENANCE_FILE
 
-PROVENANCE_FILE = "safesearch.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 # Non-weight files of the anchor worth carrying over: configs, tokenizer, processor, chat template.
 _AUX_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
@@ -137,13 +142,16 @@ def export_merged(
         name = layout.aliases.get(name, name)  # a tied copy is written with its parameter's value
         if name in merger.anchor:
             if params is not None:
-                return params[name]
+                return _finite(key, params[name])
             a = merger.anchor[name]
             view = buffer[: a.numel() * a.element_size()].view(a.dtype).view(a.shape)
-            return merger.merge_one(name, coefs, view)
+            return _finite(key, merger.merge_one(name, coefs, view))
         return anchor.load(key, dtype=dtype_of(key))  # untouched: the anchor's value (as the model loads it)
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (*glob.glob(glob.escape(str(out.parent / f".{out.name}.partial-")) + "*"),
+                  *glob.glob(glob.escape(str(out.parent / f".{out.name}.old-")) + "*")):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -181,6 +189,16 @@ def export_merged(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _finite(key: str, t: torch.Tensor) -> torch.Tensor:
+    """``t``, once it is known to hold no NaN or inf (min and max propagate both; no copy of ``t``)."""
+    if t.numel() and t.is_floating_point():
+        lo, hi = torch.aminmax(t.detach())
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            raise UserError(f"merged tensor {key!r} holds NaN or inf values (coefficients too large for "
+                            f"{str(t.dtype).removeprefix('torch.')}, or an input holds them); nothing was written")
+    return t
 
 
 def _copy_aux_files(anchor: Checkpoint, dst: Path, dtype: torch.dtype) -> None:

@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from safesearch.errors import UserError
+from safesearch.textfiles import read_yaml
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -150,13 +150,7 @@ class GraftSpec:
 def load_spec(path: str | Path) -> GraftSpec:
     """Read and validate a graft spec file; every error names the file and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"graft spec {path}: {'is not a file' if path.exists() else 'does not exist'}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"graft spec {path}: not valid YAML ({detail})") from None
+    data = read_yaml(path, "graft spec")
     return spec_from_dict(data, base_dir=path.parent, where=str(path), source=path)
 
 
@@ -192,7 +186,7 @@ def spec_from_dict(
 
     groups = _groups(d.get("groups", {}), f"{where}: groups")
     dtype = d.get("dtype", "auto")
-    if dtype != "auto" and dtype not in DTYPES:
+    if not isinstance(dtype, str) or (dtype != "auto" and dtype not in DTYPES):
         raise UserError(f"{where}: dtype: {dtype!r} is not auto, {', '.join(DTYPES)}")
     device = d.get("device", "auto")
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):

@@ -25,7 +25,6 @@ written and have no resident copy: the bound model must hold the anchor's weight
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -115,9 +114,8 @@ def parse_coefficients(data: Any, groups: Mapping[str, Sequence[str]], where: st
             raise UserError(f"{where}: unknown vector {v!r} (the spec has {', '.join(groups)})")
         if not isinstance(per_group, Mapping):
             raise UserError(f"{where}: {v}: expected {{group: coefficient}}, got {per_group!r:.60}")
-        default = per_group.get("*")
-        if default is not None:
-            out[v] = dict.fromkeys(groups[v], _coefficient(default, f"{where}: {v}.*"))
+        if "*" in per_group:
+            out[v] = dict.fromkeys(groups[v], _coefficient(per_group["*"], f"{where}: {v}.*"))
         for g, c in per_group.items():
             if g == "*":
                 continue
@@ -129,14 +127,10 @@ def parse_coefficients(data: Any, groups: Mapping[str, Sequence[str]], where: st
 
 
 def load_coefficients(path: str | Path, groups: Mapping[str, Sequence[str]]) -> Coefficients:
+    from safesearch.textfiles import read_json
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"coefficient file {path}: does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"coefficient file {path}: not valid JSON ({e})") from None
-    return parse_coefficients(data, groups, where=f"coefficient file {path}")
+    return parse_coefficients(read_json(path, "coefficient file"), groups, where=f"coefficient file {path}")
 
 
 def _coefficient(value: Any, where: str) -> float:
@@ -242,6 +236,49 @@ class Merger:
 
     def parse(self, data: Any, where: str = "coefficients") -> Coefficients:
         return parse_coefficients(data, self.groups(), where)
+
+    def check_bounds(self, bounds: Coefficients, where: str, prefix: str = "") -> None:
+        """Refuse coefficients whose merge could leave the working dtype's range (inf weights).
+
+        ``bounds``: vector -> group -> the largest magnitude its coefficient takes (a table, or the ends
+        of a search range). Per group, ``max|anchor| + sum_v bound[v] * max|tau_v|`` must stay within the
+        dtype's largest finite value: a sufficient condition, checked on the resident tensors once.
+        The error names ``where`` (a file) and the field: ``prefix`` (``search.``), vector and group.
+        """
+        limit = torch.finfo(self.dtype).max
+        anchor_max, vector_max = self._magnitudes
+        for g, a in anchor_max.items():
+            total = a
+            for v in self.vectors:
+                c = abs(bounds.get(v, {}).get(g, 0.0))
+                total += c * vector_max.get(v, {}).get(g, 0.0)
+                if c > limit or total > limit:
+                    raise UserError(
+                        f"{where}: {prefix}{v}.{g}: a coefficient of {c:g} takes the merged weights to about {total:.3g}, "
+                        f"beyond the largest {str(self.dtype).removeprefix('torch.')} value ({limit:.3g})"
+                    )
+
+    @functools.cached_property
+    def _magnitudes(self) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """(group -> max |anchor|, vector -> group -> max |tau|) over the resident tensors."""
+
+        def peak(t: torch.Tensor) -> float:
+            if t.numel() == 0:
+                return 0.0
+            lo, hi = torch.aminmax(t)  # no |t| copy of a large tensor
+            return max(-float(lo), float(hi))
+
+        anchor: dict[str, float] = {}
+        for name, t in self.anchor.items():
+            g = self._group_of[name]
+            anchor[g] = max(anchor.get(g, 0.0), peak(t))
+        vectors: dict[str, dict[str, float]] = {}
+        for v, tensors in self.vectors.items():
+            per = vectors.setdefault(v, {})
+            for name, t in tensors.items():
+                g = self._group_of[name]
+                per[g] = max(per.get(g, 0.0), peak(t))
+        return anchor, vectors
 
     def resident_bytes(self) -> int:
         tensors = [*self.anchor.values(), *(t for vec in self.vectors.values() for t in vec.values()), self.scratch]

@@ -46,6 +46,7 @@ from safesearch.errors import UserError
 from safesearch.evaluate import SuiteResult, build_judge, evaluate, load_items
 from safesearch.judges import Judge
 from safesearch.merging import Coefficients
+from safesearch.storage import BASELINE_ATTR, RetryTrial, give_up
 from safesearch.studyspec import (
     Constraint,
     Objective,
@@ -57,7 +58,8 @@ from safesearch.studyspec import (
 
 SPEC_ATTR = "spec"
 FINGERPRINT_ATTR = "fingerprint"
-BASELINE_ATTR = "baseline"
+# checkpoint -> file -> [size, mtime_ns, sha256] at the study's creation (see changed_checkpoint_files).
+CHECKPOINT_FILES_ATTR = "checkpoint_files"
 HOLDOUT_TRIAL = "holdout.trial."
 HOLDOUT_CHECKPOINT = "holdout.checkpoint."
 # How long a joining worker waits for the study's creator to finish setting it up (spec, baselines).
@@ -122,6 +124,24 @@ class SearchSpace:
             out.append(("zero", self._uniform(None, 0.0)))
         for x in spec.baselines.lambda_values:
             out.append((f"lambda={x:g}", self._uniform(spec.baselines.lambda_vector, x)))
+        return out
+
+    def bounds(self) -> Coefficients:
+        """Vector -> group -> the largest magnitude its coefficient can take (for overflow checks)."""
+        def peak(p: Param) -> float:
+            return max(abs(p.low), abs(p.high))
+
+        out: Coefficients = {}
+        for v, groups in self.groups.items():
+            scale = 1.0
+            if v in self.scaled:
+                scale = next((peak(p) for p in self.params if p.vector == v and p.group is None),
+                             abs(self.fixed.get((v, "*scale"), 0.0)))
+            row = {g: abs(self.fixed.get((v, g), 0.0)) for g in groups}
+            for p in self.params:
+                if p.vector == v and p.group is not None:
+                    row[p.group] = peak(p)
+            out[v] = {g: scale * c for g, c in row.items()}
         return out
 
     def _uniform(self, vector: str | None, x: float) -> dict[str, float]:
@@ -270,12 +290,13 @@ def make_sampler(spec: StudySpec, seed: int | None = None) -> optuna.samplers.Ba
         return sampler_class(spec.sampler.name)(seed=spec.seed if seed is None else seed, **options)
 
 
-def groups_of(spec: StudySpec) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """(every group per vector, the groups each vector touches), from the checkpoints' headers alone."""
+def groups_of(spec: StudySpec, sources: Any = None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(every group per vector, the groups each vector touches), from the checkpoints' headers alone
+    (``sources``: the spec's checkpoints already opened with :func:`safesearch.vectors.open_sources`)."""
     from safesearch.grouping import group_parameters
     from safesearch.vectors import open_sources, vector_names
 
-    sources = open_sources(spec.graft)
+    sources = sources or open_sources(spec.graft)
     grouping = group_parameters(sources.anchor.layout.parameters, spec.graft.groups)
     placed = grouping.group_of
     groups = {v: list(grouping.groups) for v in spec.graft.vectors}
@@ -284,6 +305,32 @@ def groups_of(spec: StudySpec) -> tuple[dict[str, list[str]], dict[str, list[str
         hit = {placed[n] for n in vector_names(sources, vs) if n in placed}
         active[v] = [g for g in grouping.groups if g in hit]
     return groups, active
+
+
+def search_space(spec: StudySpec) -> SearchSpace:
+    """The spec's search space over its checkpoints' groups (headers only), with the ranges checked
+    against the working dtype: a coefficient beyond its largest finite value can only give inf weights.
+    (Workers check the merged weights' range precisely once their tensors are loaded.)"""
+    import torch
+
+    from safesearch.merging import anchor_dtype
+    from safesearch.vectors import open_sources
+
+    sources = open_sources(spec.graft)
+    space = build_space(spec, *groups_of(spec, sources))
+    dtype = spec.graft.torch_dtype(anchor_dtype(sources))
+    limit = torch.finfo(dtype).max
+    for v, row in space.bounds().items():
+        worst = max(row.values(), default=0.0)
+        if worst > limit:
+            raise UserError(f"{spec_where(spec)}: search.{v}: coefficients up to {worst:g} exceed the largest "
+                            f"{str(dtype).removeprefix('torch.')} value ({limit:.3g}), the graft's working dtype")
+    return space
+
+
+def spec_where(spec: StudySpec) -> str:
+    """How errors name the spec: its file, else the study."""
+    return str(spec.source) if spec.source is not None else f"study {spec.name!r}"
 
 
 def ensure_study(
@@ -316,7 +363,9 @@ def ensure_study(
         study.set_user_attr("sampler", spec.sampler.name)
         for label, params in space.baseline_params(spec):
             study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label})
-        study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())  # last: the study is ready
+        study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())  # the study is ready for joiners
+        # After the fingerprint: hashing a 7B model's files takes a while, and joiners need none of it.
+        study.set_user_attr(CHECKPOINT_FILES_ATTR, checkpoint_files(spec))
         return study, True
     deadline = time.monotonic() + SETUP_WAIT_S
     while FINGERPRINT_ATTR not in study.user_attrs:
@@ -326,13 +375,69 @@ def ensure_study(
                 "(its creator stopped early?); delete it or choose another name"
             )
         time.sleep(0.5)
-    found = study.user_attrs[FINGERPRINT_ATTR]
-    if found != spec.fingerprint():
+    check_joinable(study, spec)
+    return study, False
+
+
+def check_joinable(study: optuna.Study, spec: StudySpec) -> None:
+    """Refuse to work on an existing study with ``spec`` when its directions or (once set up) its
+    fingerprint differ: the trials would not be comparable."""
+    from safesearch.storage import direction_names, mask_url, rdb_of
+
+    wanted = [optuna.study.StudyDirection[d.upper()] for d in spec.directions]
+    if list(study.directions) != wanted:
+        rdb = rdb_of(study)
+        where = f" in storage {mask_url(rdb.url)}" if rdb is not None else ""
+        raise UserError(
+            f"study {spec.name!r}{where} exists with directions {direction_names(study.directions)}, "
+            f"not {direction_names(wanted)}; choose another study name"
+        )
+    found = study.user_attrs.get(FINGERPRINT_ATTR)
+    if found is not None and found != spec.fingerprint():
         raise UserError(
             f"study {spec.name!r} exists with another spec (search space, objectives or sampler differ); "
             "choose another study name or use the spec it was created with"
         )
-    return study, False
+
+
+def _used_checkpoints(spec: StudySpec) -> list[str]:
+    g = spec.graft
+    return list(dict.fromkeys([g.anchor, *(c for v in g.vectors.values() for c in (v.plus, v.minus))]))
+
+
+def checkpoint_files(spec: StudySpec) -> dict[str, dict[str, list[Any]]]:
+    """Size, modification time and sha256 of every file of the checkpoints the spec grafts."""
+    from safesearch.checkpoint import sha256_file
+
+    out: dict[str, dict[str, list[Any]]] = {}
+    for name in _used_checkpoints(spec):
+        folder = spec.graft.checkpoints[name].path
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        out[name] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns, sha256_file(p)] for p in files}
+    return out
+
+
+def changed_checkpoint_files(study: optuna.Study, spec: StudySpec) -> list[tuple[str, str]]:
+    """(checkpoint, file) for every file recorded at the study's creation that is gone or whose sha256
+    differs now. A file of the same size and modification time is taken as unchanged (not hashed again)."""
+    from safesearch.checkpoint import sha256_file
+
+    changed = []
+    for name, files in (study.user_attrs.get(CHECKPOINT_FILES_ATTR) or {}).items():
+        if name not in spec.graft.checkpoints:
+            continue
+        folder = spec.graft.checkpoints[name].path
+        if not folder.is_dir():
+            continue  # opening it fails, naming it: that error says more than a list of gone files
+        for file, (size, mtime_ns, digest) in files.items():
+            p = folder / file
+            if not p.is_file():
+                changed.append((name, f"{file} (gone)"))
+                continue
+            st = p.stat()
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns) and sha256_file(p) != digest:
+                changed.append((name, file))
+    return changed
 
 
 def stored_spec(study: optuna.Study) -> StudySpec:
@@ -356,6 +461,19 @@ class TrialOutcome:
     seconds: dict[str, float]  # ask, suggest, merge, eval, record (attrs, constraints, artifact), tell, total
 
 
+class TrialFailed(Exception):
+    """A trial raised: it was told FAIL with ``error`` and queued again as trial ``retry`` (None: not)."""
+
+    def __init__(self, number: int, error: str, retry: int | None) -> None:
+        super().__init__(f"trial {number} failed: {error}")
+        self.number, self.error, self.retry = number, error, retry
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 class Worker:
     """One grafted model and the search split's tasks, serving trials of one study."""
 
@@ -374,9 +492,14 @@ class Worker:
         self.artifact_store = artifact_store
         self.tasks = prepare_tasks(search_refs(spec), spec.data_root, device=judge_device)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.retry = RetryTrial(spec.max_retries)
 
     def run_trial(self, study: optuna.Study, trial: optuna.Trial, ask_s: float = 0.0) -> TrialOutcome:
-        """Suggest, merge, evaluate, record and tell one trial (told FAIL, and re-raised, on an error)."""
+        """Suggest, merge, evaluate, record and tell one trial.
+
+        A trial that raises is told FAIL with its error and queued again (:func:`give_up`), then
+        :class:`TrialFailed` is raised; an interrupt does the same and propagates.
+        """
         t0 = time.perf_counter()
         seconds = {"ask": ask_s}
         try:
@@ -414,13 +537,15 @@ class Worker:
                 warnings.filterwarnings("ignore", message="Constraints have been set, but CmaEsSampler")
                 study.tell(trial, values)
             t5 = time.perf_counter()
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise  # another worker failed it as stale and queued its retry
         except BaseException as e:
-            try:
-                trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:500])
-                study.tell(trial, state=TrialState.FAIL)
-            except Exception:  # the storage itself may be what failed; the heartbeat will fail the trial
-                pass
-            raise
+            interrupted = not isinstance(e, Exception)
+            error = "interrupted (Ctrl-C or SIGTERM)" if interrupted else _one_line(e)
+            retry = give_up(study, trial, error, self.retry)
+            if interrupted:
+                raise
+            raise TrialFailed(trial.number, error, retry) from e
         seconds.update(record=t4 - t3, tell=t5 - t4, total=ask_s + t5 - t0)
         return TrialOutcome(
             trial.number, TrialState.COMPLETE, values, scored["scores"], trial.user_attrs.get(BASELINE_ATTR), seconds
@@ -451,32 +576,53 @@ class Worker:
         *,
         max_trials: int | None = None,
         on_trial: Callable[[TrialOutcome], None] | None = None,
+        on_failure: Callable[[TrialFailed], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> int:
         """Serve trials until the study has ``n_trials`` COMPLETE ones (or this worker ran ``max_trials``).
 
+        A failed trial is reported to ``on_failure`` and the worker goes on (the trial runs again, here or
+        elsewhere, up to the spec's ``max_retries``); after ``max_consecutive_failures`` failures in a row
+        (a broken set-up: a judge that is down, a missing file) it stops with a :class:`UserError`.
         Returns the number of trials this worker completed.
         """
         from safesearch.storage import heartbeat, next_trial
 
-        done = 0
+        done = failed_in_a_row = 0
         while max_trials is None or done < max_trials:
             if should_stop is not None and should_stop():
                 break
             t0 = time.perf_counter()
-            trial = next_trial(study, n_trials, should_stop=should_stop)
+            trial = next_trial(study, n_trials, should_stop=should_stop, retry=self.retry)
             if trial is None:
                 break
             ask_s = time.perf_counter() - t0
             try:
                 with heartbeat(study, trial):
                     outcome = self.run_trial(study, trial, ask_s)
+            except KeyboardInterrupt:
+                # run_trial failed and queued its trial; an interrupt just before or after it did not.
+                if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                    give_up(study, trial, "interrupted (Ctrl-C or SIGTERM)", self.retry)
+                raise
             except optuna.exceptions.UpdateFinishedTrialError:
                 # Another worker failed this trial as stale (this one missed its heartbeat grace period,
                 # e.g. a stalled machine) and queued its retry; carry on with the next trial.
                 warnings.warn(f"trial {trial.number} was failed by another worker (heartbeat missed); "
                               "its retry runs in its place", stacklevel=1)
                 continue
+            except TrialFailed as failure:
+                failed_in_a_row += 1
+                if on_failure is not None:
+                    on_failure(failure)
+                if failed_in_a_row >= self.spec.max_consecutive_failures:
+                    raise UserError(
+                        f"worker stopped: {failed_in_a_row} trials failed in a row (max_consecutive_failures), "
+                        f"the last one, trial {failure.number}, with {failure.error}; fix the set-up and start "
+                        "again (failed trials are queued to run again)"
+                    ) from None
+                continue
+            failed_in_a_row = 0
             done += 1
             if on_trial is not None:
                 on_trial(outcome)
@@ -489,15 +635,21 @@ class Worker:
 def open_worker(
     spec: StudySpec, *, device: str | None = None, artifact_store: Any = None, space: SearchSpace | None = None
 ) -> Worker:
-    """Load the grafted model once (the spec's backend) and the search split's items."""
+    """Load the grafted model once (the spec's backend) and the search split's items; the search
+    ranges are checked against the loaded tensors (no coefficient may overflow the working dtype)."""
     from safesearch.grafted import open_grafted
 
+    if space is None:
+        # From the checkpoints' headers, as `study create` computes it, so both agree on the parameters.
+        space = search_space(spec)
     grafted = open_grafted(spec.graft, backend=spec.backend, device=device or spec.device,
                            options=spec.backend_options)
     merger = grafted.merger
-    if space is None:
-        # From the checkpoints' headers, as `study create` computes it, so both agree on the parameters.
-        space = build_space(spec, *groups_of(spec))
+    try:
+        merger.check_bounds(space.bounds(), where=spec_where(spec), prefix="search.")
+    except BaseException:
+        grafted.close()
+        raise
     judge_device = str(merger.device) if merger.device.type != "cpu" else "cpu"
     return Worker(spec, grafted, space, artifact_store, judge_device=judge_device)
 

@@ -23,7 +23,7 @@ Many workers:
   PostgreSQL's default ``max_connections``.
 - Dead workers: with a heartbeat (default every 60 s, grace twice that) a trial whose worker stopped
   beating is marked FAIL by the next worker that looks (:func:`fail_stale`, called by Optuna's
-  ``study.optimize`` and by :func:`next_trial`), and :class:`optuna.storages.RetryHeartbeatStaleTrialCallback`
+  ``study.optimize`` and by :func:`next_trial`), and :class:`RetryTrial`
   queues a copy (same params, system attrs ``failed_trial`` and ``retry_history``) that the next
   ``study.ask()`` of any worker picks up. An ask/tell loop must run each trial inside
   :func:`heartbeat` (``study.optimize`` does that itself).
@@ -40,7 +40,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-import re
+import signal
+import threading
 import time
 import warnings
 import zlib
@@ -53,11 +54,12 @@ import optuna
 import sqlalchemy as sa
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from safesearch.errors import UserError
+from safesearch.redact import mask_url
 
 DEFAULT_STORAGE_URL = "sqlite:///storage/safesearch.db"
 STORAGE_ENV = "SAFESEARCH_STORAGE"
@@ -70,6 +72,12 @@ CONNECT_TIMEOUT_S = 10
 _SCHEMA_LOCK_KEY = zlib.crc32(b"safesearch:optuna-schema-init")
 # System attr set on a trial that was asked for but fell beyond the study's budget (see next_trial).
 SURPLUS_ATTR = "safesearch:surplus"
+# Optuna's own system attr of a retried trial: the numbers of every earlier attempt, first one first.
+RETRY_HISTORY = "retry_history"
+# User attr naming a baseline trial (``zero``, ``lambda=0.5``): kept by its retries.
+BASELINE_ATTR = "baseline"
+# How often a failed trial is run again (a spec's ``max_retries`` overrides it).
+DEFAULT_MAX_RETRIES = 2
 _POSTGRES_DRIVERS = {"psycopg", "psycopg2"}
 
 
@@ -77,20 +85,17 @@ def resolve_url(url: str | None = None) -> str:
     """The storage URL to use: ``url``, else ``$SAFESEARCH_STORAGE``, else the SQLite default.
 
     A value without ``://`` is taken as a SQLite file path; ``postgresql://`` gets the psycopg 3
-    driver (``postgresql+psycopg://``), which is what this project installs.
+    driver (``postgresql+psycopg://``), which is what this project installs. An empty ``url`` is an
+    error, not the default (an empty ``$SAFESEARCH_STORAGE`` counts as unset).
     """
+    if url is not None and not url.strip():
+        raise UserError("storage URL is empty (--storage: give sqlite:///PATH, a file path or postgresql+psycopg://...)")
     url = (url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE_URL).strip()
     if "://" not in url:
         return f"sqlite:///{url}"
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password (in the authority or a ``password=`` query field) replaced by ``***``."""
-    masked = re.sub(r"(://[^/@:?#]*:)[^/]*@", r"\1***@", url)  # up to the last @: passwords may hold one
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", masked)
 
 
 def is_sqlite(url: str) -> bool:
@@ -189,14 +194,34 @@ def _schema_ready(conn: sa.Connection) -> bool:
 
 
 @contextmanager
-def _schema_lock(url: str, parsed: sa.engine.URL) -> Iterator[None]:
+def _schema_lock(url: str, parsed: sa.engine.URL, create: bool = True) -> Iterator[None]:
     """Serialise the first initialisation of the tables across processes (PostgreSQL only).
 
-    Also the place where a server that cannot be reached is reported, before Optuna's own errors.
+    Also the place where a server that cannot be reached is reported, before Optuna's own errors, and
+    where a database without Optuna's tables is refused when ``create`` is false.
     """
     if parsed.drivername.startswith("sqlite"):
         yield
         return
+    with _server(url, parsed) as conn:
+        if _schema_ready(conn):
+            conn.rollback()
+            yield
+            return
+        if not create:
+            raise UserError(f"storage {mask_url(url)}: {_where(parsed)} holds no studies (no Optuna tables)")
+        conn.execute(sa.text("select pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sa.text("select pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+            conn.commit()
+
+
+@contextmanager
+def _server(url: str, parsed: sa.engine.URL) -> Iterator[sa.Connection]:
+    """One connection to the database server, or a one-line error naming host and database."""
     engine = sa.create_engine(parsed, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
     try:
         try:
@@ -204,19 +229,28 @@ def _schema_lock(url: str, parsed: sa.engine.URL) -> Iterator[None]:
         except sa.exc.DBAPIError as e:
             raise UserError(f"storage {mask_url(url)}: cannot connect to {_where(parsed)} ({_reason(e)})") from None
         with conn:
-            if _schema_ready(conn):
-                conn.rollback()
-                yield
-                return
-            conn.execute(sa.text("select pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
-            conn.commit()
-            try:
-                yield
-            finally:
-                conn.execute(sa.text("select pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK_KEY})
-                conn.commit()
+            yield conn
     finally:
         engine.dispose()
+
+
+def probe_storage(url: str | None = None) -> bool:
+    """Check, creating nothing, that studies can be kept at ``url``: a supported URL, a SQLite file that is
+    a database (or can be made: its folder exists or can be made, and is writable), a server that
+    answers. True when it already holds Optuna's tables. Commands that load a model first call this, so
+    that a wrong storage is reported before a long load, and a failed load leaves no database behind."""
+    url = resolve_url(url)
+    parsed = _parse(url)
+    path = _sqlite_file(url)
+    if path is not None:
+        if path.exists():
+            return _sqlite_has_tables(url, path)
+        from safesearch.outputs import check_output_file
+
+        check_output_file(path, f"storage {url}:")
+        return False
+    with _server(url, parsed) as conn:
+        return _schema_ready(conn)
 
 
 def open_storage(
@@ -224,15 +258,19 @@ def open_storage(
     *,
     heartbeat_interval: int | None = DEFAULT_HEARTBEAT_INTERVAL,
     grace_period: int | None = None,
-    max_retry: int | None = 3,
+    max_retry: int | None = DEFAULT_MAX_RETRIES,
+    create: bool = True,
 ) -> RDBStorage:
-    """Open (creating the tables if needed) the Optuna storage at ``url`` (see :func:`resolve_url`).
+    """Open the Optuna storage at ``url`` (see :func:`resolve_url`), creating the database file and the
+    tables if needed, or, with ``create=False`` (the commands that only read studies), refusing a
+    storage that holds none: a missing SQLite file, a file that is not a SQLite database, a database
+    without Optuna's tables. Nothing is created then, not even a directory.
 
     ``heartbeat_interval`` (seconds; None turns the heartbeat off) and ``grace_period`` (seconds
     without a heartbeat before a running trial is failed; default twice the interval) detect dead
     workers; each stale trial is retried up to ``max_retry`` times (None: without limit) by
-    :class:`~optuna.storages.RetryHeartbeatStaleTrialCallback`. The heartbeat also serves SQLite:
-    a worker that resumes a study after a killed one retries the killed one's trial.
+    :class:`RetryTrial`. The heartbeat also serves SQLite: a worker that resumes a study after a killed
+    one retries the killed one's trial.
 
     Raises :class:`UserError` (one line, password masked) for a URL that is not a supported
     database or a server that cannot be reached (host and database named).
@@ -243,13 +281,13 @@ def open_storage(
         raise UserError(f"heartbeat interval {heartbeat_interval}: must be a positive number of seconds")
     if grace_period is not None and grace_period <= 0:
         raise UserError(f"heartbeat grace period {grace_period}: must be a positive number of seconds")
-    path = sqlite_path(url)
+    path = _sqlite_file(url)
     if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"storage {url}: cannot create directory {path.parent} ({e.strerror})") from None
-    with _schema_lock(url, parsed), warnings.catch_warnings():
+        if create:
+            _make_parent(url, path)
+        else:
+            _check_sqlite_study_file(url, path)
+    with _schema_lock(url, parsed, create), warnings.catch_warnings():
         # The heartbeat API is marked experimental since optuna 2.8; it is what Optuna offers.
         warnings.simplefilter("ignore", ExperimentalWarning)
         heartbeat_kwargs: dict[str, Any] = {}
@@ -257,7 +295,7 @@ def open_storage(
             heartbeat_kwargs = {
                 "heartbeat_interval": int(heartbeat_interval),
                 "grace_period": int(grace_period) if grace_period is not None else None,
-                "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+                "heartbeat_stale_trial_callback": RetryTrial(max_retry),
             }
         try:
             storage = RDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat_kwargs)
@@ -267,6 +305,144 @@ def open_storage(
         except sa.exc.DBAPIError as e:
             where = str(path) if path is not None else _where(parsed)
             raise UserError(f"storage {mask_url(url)}: cannot open {where} ({_reason(e)})") from None
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (None for a server); an in-memory database is refused."""
+    path = sqlite_path(url)
+    if is_sqlite(url) and path is None:
+        raise UserError(f"storage {url}: an in-memory database keeps nothing once the command ends; "
+                        "give a file (sqlite:///PATH)")
+    return path
+
+
+def _make_parent(url: str, path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"storage {url}: {path} is a directory, not a database file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"storage {url}: a parent of {path} is a file, not a directory") from None
+    except OSError as e:
+        raise UserError(f"storage {url}: cannot create directory {path.parent} ({e.strerror})") from None
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _check_sqlite_study_file(url: str, path: Path) -> None:
+    """A SQLite file that holds Optuna's tables, read without writing anything."""
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"storage {url}: {path} {what} (no studies there; create one with safesearch run SPEC)")
+    if not _sqlite_has_tables(url, path):
+        raise UserError(f"storage {url}: {path} holds no studies (no Optuna tables)")
+
+
+def _sqlite_has_tables(url: str, path: Path) -> bool:
+    """Whether the existing file ``path`` is a SQLite database with Optuna's tables (an empty file: no);
+    a file that is something else is an error. Opened read-only."""
+    if path.is_dir():
+        raise UserError(f"storage {url}: {path} is a directory, not a database file")
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_SQLITE_MAGIC))
+    except OSError as e:
+        raise UserError(f"storage {url}: cannot read {path} ({e.strerror})") from None
+    if not head:
+        return False
+    if head != _SQLITE_MAGIC:
+        raise UserError(f"storage {url}: {path} is not a SQLite database")
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return con.execute("select count(*) from sqlite_master where name = 'alembic_version'").fetchone()[0] > 0
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"storage {url}: cannot read {path} ({e})") from None
+
+
+class RetryTrial:
+    """Queue a fresh copy of a failed trial (its worker died, or the trial raised), at most ``max_retries``
+    times per original trial (None: without limit).
+
+    The copy is WAITING, so the next ``study.ask()`` of any worker runs it; it has the same parameters
+    and starts clean: of the user attrs only ``baseline`` is kept (a retried baseline is still that
+    baseline), plus ``retry_of`` (the trial it retries); the system attrs are Optuna's
+    ``failed_trial`` (the first attempt) and ``retry_history`` (every attempt so far), which
+    :func:`unretried_failures` reads. Returns the retry's number, or None when the retries are spent.
+    """
+
+    def __init__(self, max_retries: int | None = DEFAULT_MAX_RETRIES) -> None:
+        self.max_retries = max_retries
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> int | None:
+        history = [*trial.system_attrs.get(RETRY_HISTORY, []), trial.number]
+        if self.max_retries is not None and len(history) > self.max_retries:
+            return None
+        user_attrs: dict[str, Any] = {"retry_of": trial.number}
+        if BASELINE_ATTR in trial.user_attrs:
+            user_attrs[BASELINE_ATTR] = trial.user_attrs[BASELINE_ATTR]
+        retry = optuna.trial.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs=user_attrs,
+            system_attrs={"failed_trial": history[0], RETRY_HISTORY: history},
+        )
+        retry._validate()  # what study.add_trial checks; the storage call below also gives the number
+        trial_id = study._storage.create_new_trial(study._study_id, template_trial=retry)
+        return study._storage.get_trial_number_from_id(trial_id)
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while the block runs (a trial's failure being recorded, so that the
+    record is never half-written); one that came meanwhile is raised as KeyboardInterrupt at the end.
+    Only the main thread receives signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            raise KeyboardInterrupt
+
+
+def give_up(study: optuna.Study, trial: optuna.Trial, error: str, retry: RetryTrial) -> int | None:
+    """Tell ``trial`` FAIL with ``error`` (user attr ``error``) and queue its retry; the retry's number.
+
+    None when the retries are spent, when another worker failed the trial first (as heartbeat-stale:
+    it queued the retry) or when the storage itself cannot be reached (the trial stays RUNNING and the
+    heartbeat fails and retries it later). Interrupts wait until both writes are done.
+    """
+    with deferred_interrupts():
+        try:
+            trial.set_user_attr("error", error[:500])
+            study.tell(trial, state=TrialState.FAIL)
+            return retry(study, study._storage.get_trial(trial._trial_id))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return None
+        except sa.exc.SQLAlchemyError:
+            return None
+
+
+def unretried_failures(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Failed trials that no later trial retries (their retries were spent, or their worker died
+    between failing them and queueing the retry); surplus trials (see :func:`next_trial`) excluded."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get(RETRY_HISTORY, [])}
+    return [t for t in trials if t.state == TrialState.FAIL and t.number not in retried
+            and not t.system_attrs.get(SURPLUS_ATTR)]
 
 
 def open_study(
@@ -298,16 +474,17 @@ def open_study(
     if list(study.directions) != wanted:
         raise UserError(
             f"study {study_name!r} in storage {mask_url(storage.url)} exists with directions "
-            f"{_names(study.directions)}, not {_names(wanted)}; choose another study name"
+            f"{direction_names(study.directions)}, not {direction_names(wanted)}; choose another study name"
         )
     return study
 
 
 def load_study(storage: RDBStorage | str | None, study_name: str,
                sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
-    """An existing study, or a one-line :class:`UserError` naming the study and the storage."""
+    """An existing study, or a one-line :class:`UserError` naming the study and the storage (a URL is
+    opened for reading: nothing is created)."""
     if not isinstance(storage, RDBStorage):
-        storage = open_storage(storage)
+        storage = open_storage(storage, heartbeat_interval=None, create=False)
     try:
         return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
     except KeyError:
@@ -316,15 +493,17 @@ def load_study(storage: RDBStorage | str | None, study_name: str,
         raise UserError(f"study {study_name!r}: not found in storage {mask_url(storage.url)}{known}") from None
 
 
-def _names(directions: Sequence[StudyDirection]) -> str:
+def direction_names(directions: Sequence[StudyDirection]) -> str:
     return "[" + ", ".join(d.name.lower() for d in directions) + "]"
 
 
-def artifact_store_for(url: str | None = None, path: str | os.PathLike[str] | None = None) -> FileSystemArtifactStore:
+def artifact_store_for(url: str | None = None, path: str | os.PathLike[str] | None = None, *,
+                       create: bool = True) -> FileSystemArtifactStore:
     """The artifact store of the storage at ``url``: ``path`` if given, else ``$SAFESEARCH_ARTIFACTS``,
     else ``<db dir>/artifacts`` next to a SQLite file, else ``storage/artifacts`` (cwd-relative).
 
     With workers on several machines, give every worker (and the dashboard) the same shared path.
+    ``create=False`` (readers: the dashboard) makes no directory; a missing one reads as empty.
     """
     chosen = path or os.environ.get(ARTIFACTS_ENV)
     if chosen:
@@ -332,10 +511,19 @@ def artifact_store_for(url: str | None = None, path: str | os.PathLike[str] | No
     else:
         db = sqlite_path(url) if is_sqlite(resolve_url(url)) else None
         root = db.parent / "artifacts" if db is not None else Path("storage") / "artifacts"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"artifact store {root}: cannot create it ({e.strerror})") from None
+    if root.exists() and not root.is_dir():
+        raise UserError(f"artifact store {root}: is a file, not a directory")
+    if not create and not root.exists():
+        from safesearch.outputs import existing_ancestor
+
+        existing_ancestor(root, "artifact store")  # a file on the way is an error; nothing is made
+    if create:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UserError(f"artifact store {root}: a parent of it is a file, not a directory") from None
+        except OSError as e:
+            raise UserError(f"artifact store {root}: cannot create it ({e.strerror})") from None
     return FileSystemArtifactStore(str(root))
 
 
@@ -361,7 +549,7 @@ def fail_stale(study: optuna.Study) -> None:
 _silent_since: dict[tuple[int, int], float] = {}
 
 
-def _rdb_of(study: optuna.Study) -> RDBStorage | None:
+def rdb_of(study: optuna.Study) -> RDBStorage | None:
     storage = study._storage
     storage = getattr(storage, "_backend", storage)  # optuna wraps RDBStorage in a _CachedStorage
     return storage if isinstance(storage, RDBStorage) else None
@@ -371,7 +559,7 @@ def _fail_silent(study: optuna.Study) -> None:
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
-    rdb = _rdb_of(study)
+    rdb = rdb_of(study)
     if rdb is None or rdb.heartbeat_interval is None:
         return
     grace = rdb.grace_period or 2 * rdb.heartbeat_interval
@@ -436,6 +624,7 @@ def next_trial(
     *,
     poll_s: float | None = None,
     should_stop: Callable[[], bool] | None = None,
+    retry: RetryTrial | None = None,
 ) -> optuna.Trial | None:
     """Ask for the next trial of a study whose budget is ``n_trials`` COMPLETE trials; None when done.
 
@@ -449,7 +638,8 @@ def next_trial(
     slow one, so it returns None instead of waiting. ``should_stop`` (polled) ends the wait early.
 
     Waiting trials (enqueued baselines, retries) come first, as with ``study.ask()``. Run the trial
-    inside :func:`heartbeat`.
+    inside :func:`heartbeat`. An interrupt between asking for a trial and returning it fails the trial
+    and queues it again (``retry``, default :class:`RetryTrial`), so that no trial is left RUNNING.
     """
     interval = heartbeat_interval_of(study)
     poll = poll_s if poll_s is not None else min(float(interval or 2), 2.0)
@@ -471,15 +661,22 @@ def next_trial(
             time.sleep(poll)
             waited = True
             continue
-        with warnings.catch_warnings():
-            # Optuna warns that heartbeats are meant for study.optimize; heartbeat() covers ask/tell.
-            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-            trial = study.ask()
-        if interval is not None:
-            # Beat at once: Optuna only ever fails a trial that has beaten (see fail_stale).
-            study._storage.record_heartbeat(trial._trial_id)
-        ahead = sum(1 for t in study.get_trials(deepcopy=False, states=_CLAIMED) if t.number < trial.number)
-        if ahead < n_trials:
-            return trial
-        study._storage.set_trial_system_attr(trial._trial_id, SURPLUS_ATTR, True)
-        study.tell(trial, state=TrialState.FAIL)
+        trial = None
+        try:
+            # An interrupt waits for ask() to finish: a trial it creates is then known, and failed below.
+            with warnings.catch_warnings(), deferred_interrupts():
+                # Optuna warns that heartbeats are meant for study.optimize; heartbeat() covers ask/tell.
+                warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                trial = study.ask()
+            if interval is not None:
+                # Beat at once: Optuna only ever fails a trial that has beaten (see fail_stale).
+                study._storage.record_heartbeat(trial._trial_id)
+            ahead = sum(1 for t in study.get_trials(deepcopy=False, states=_CLAIMED) if t.number < trial.number)
+            if ahead < n_trials:
+                return trial
+            study._storage.set_trial_system_attr(trial._trial_id, SURPLUS_ATTR, True)
+            study.tell(trial, state=TrialState.FAIL)
+        except KeyboardInterrupt:
+            if trial is not None:
+                give_up(study, trial, "interrupted before it ran", retry or RetryTrial())
+            raise

@@ -35,8 +35,10 @@ A study spec is YAML (``studies/toy.yaml`` is the toy world's)::
     seed: 0
     n_trials: 40                     # COMPLETE trials in the study, baselines included
     backend: transformers            # transformers | vllm
-    backend_options: {}              # transformers: batch_size, kernel; vllm: engine options
+    backend_options: {}              # transformers: batch_size, kernel; vllm: kernel, reload, stop_chunk, engine options
     device: null                     # default: the graft spec's device
+    max_retries: 2                   # a failed trial (it raised, or its worker died) runs again up to this often
+    max_consecutive_failures: 3      # a worker stops after this many failed trials in a row (a broken set-up)
 
 ``cmaes-weighted`` is the paper's baseline: CMA-ES on one value, the weighted sum of the objectives
 (``sampler: {name: cmaes-weighted, weights: {safety: 0.5, medical: 0.5}}``, minimised objectives
@@ -54,19 +56,23 @@ import inspect
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from safesearch.errors import UserError
 from safesearch.grafted import BACKENDS
 from safesearch.graftspec import GraftSpec, load_spec, spec_from_dict
+from safesearch.storage import DEFAULT_MAX_RETRIES
 from safesearch.suites import Suite, default_data_root, load_suite
+from safesearch.textfiles import read_yaml
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "cmaes-weighted")
+KERNELS = ("eager", "compiled")
+# numpy's seeds (what Optuna's samplers use) are 32-bit unsigned.
+MAX_SEED = 2**32 - 1
 DIRECTIONS = ("maximize", "minimize")
 # The metrics each suite metric reports, headline first (the default an objective reads).
 SUITE_METRICS: dict[str, tuple[str, ...]] = {
@@ -177,6 +183,8 @@ class StudySpec:
     backend_options: dict[str, Any] = field(default_factory=dict)
     device: str | None = None
     description: str = ""
+    max_retries: int = DEFAULT_MAX_RETRIES
+    max_consecutive_failures: int = 3
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -242,12 +250,14 @@ class StudySpec:
             "backend": self.backend,
             "backend_options": self.backend_options,
             "device": self.device,
+            "max_retries": self.max_retries,
+            "max_consecutive_failures": self.max_consecutive_failures,
         }
 
     def fingerprint(self) -> str:
         """A hash of what makes two workers' trials comparable: the search space, the vectors and groups,
-        the objectives and constraints (suites, splits, subsets), the sampler. Paths, device and backend
-        may differ between machines and are left out."""
+        the objectives and constraints (suites, splits, subsets), the sampler. Paths, device, backend and
+        the retry settings may differ between machines and are left out."""
         d = self.to_dict()
         graft = d["graft"]
         keep = {
@@ -278,13 +288,7 @@ class StudySpec:
 def load_study_spec(path: str | Path, suite_dirs: list[Path] | None = None) -> StudySpec:
     """Read and validate a study spec file; every error names the file and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"study spec {path}: {'is not a file' if path.exists() else 'does not exist'}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"study spec {path}: not valid YAML ({detail})") from None
+    data = read_yaml(path, "study spec")
     return study_spec_from_dict(
         data, base_dir=path.parent, where=str(path), default_name=path.stem, source=path, suite_dirs=suite_dirs
     )
@@ -323,18 +327,26 @@ def study_spec_from_dict(
     )
     _unique([o.name for o in objectives] + [c.name for c in constraints], f.where, "objectives/constraints")
     baselines = _baselines(f.section("baselines"), search)
-    sampler = _sampler(f, objectives)
     seed = f.get("seed", int, 0)
+    if not 0 <= seed <= MAX_SEED:
+        raise f.fail("seed", f"should be between 0 and {MAX_SEED} (what the samplers accept), got {seed}")
+    sampler = _sampler(f, objectives, seed)
     n_trials = f.get("n_trials", int, 40)
     if n_trials < 1:
         raise f.fail("n_trials", f"should be at least 1, got {n_trials}")
     backend = f.get("backend", str, "transformers")
     if backend not in BACKENDS:
         raise f.fail("backend", f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
-    backend_options = f.get("backend_options", dict, {})
+    backend_options = _backend_options(f, backend)
     device = f.get("device", str, None)
     if device is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise f.fail("device", f"{device!r} is not auto, cpu, cuda or cuda:N")
+    max_retries = f.get("max_retries", int, DEFAULT_MAX_RETRIES)
+    if max_retries < 0:
+        raise f.fail("max_retries", f"should be 0 or more, got {max_retries}")
+    max_failures = f.get("max_consecutive_failures", int, 3)
+    if max_failures < 1:
+        raise f.fail("max_consecutive_failures", f"should be at least 1, got {max_failures}")
     f.done()
     return StudySpec(
         name=name,
@@ -348,9 +360,11 @@ def study_spec_from_dict(
         seed=seed,
         n_trials=n_trials,
         backend=backend,
-        backend_options=dict(backend_options),
+        backend_options=backend_options,
         device=device,
         description=description,
+        max_retries=max_retries,
+        max_consecutive_failures=max_failures,
         source=source,
     )
 
@@ -515,17 +529,28 @@ def _baselines(f: _Fields, search: Mapping[str, VectorSearch]) -> Baselines:
     return Baselines(zero, vector, values)
 
 
-def _sampler(f: _Fields, objectives: tuple[Objective, ...]) -> SamplerSpec:
+def _sampler(f: _Fields, objectives: tuple[Objective, ...], seed: int) -> SamplerSpec:
     raw = f.get("sampler", (str, dict), "tpe")
     s = _Fields({"name": raw} if isinstance(raw, str) else raw, f.where, "sampler")
     name = s.get("name", str, required=True)
     if name not in SAMPLERS:
         raise UserError(f"{f.where}: sampler: unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
     options = s.get("options", dict, {})
-    accepted = set(inspect.signature(sampler_class(name)).parameters) - {"seed", "self"}
-    for k in options:
-        if k not in accepted:
-            raise s.fail(f"options.{k}", f"not an option of {name} (known: {', '.join(sorted(accepted))})")
+    cls = sampler_class(name)
+    params = {k: p for k, p in inspect.signature(cls).parameters.items() if k not in ("seed", "self")}
+    for k, value in options.items():
+        if k not in params:
+            raise s.fail(f"options.{k}", f"not an option of {name} (known: {', '.join(sorted(params))})")
+        wanted = params[k].annotation
+        if isinstance(wanted, str) and not _fits(value, wanted):
+            raise s.fail(f"options.{k}", f"expected {wanted}, got {type(value).__name__} {value!r:.60}"
+                         + ("" if _yaml_settable(wanted) else " (a YAML spec cannot set this option)"))
+    try:  # the sampler's own checks of the values (e.g. NSGA-II's population_size >= 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cls(seed=seed, **options)
+    except (ValueError, TypeError) as e:
+        raise s.fail("options", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     weights_raw = s.get("weights", dict, None)
     weights: dict[str, float] = {}
     if name == "cmaes-weighted":
@@ -545,6 +570,73 @@ def _sampler(f: _Fields, objectives: tuple[Objective, ...]) -> SamplerSpec:
         raise s.fail("weights", "only cmaes-weighted takes weights (the others search every objective)")
     s.done()
     return SamplerSpec(name, dict(options), weights)
+
+
+# What a YAML value may be, by the type names an annotation's alternatives start with.
+_YAML_TYPES: dict[type, tuple[str, ...]] = {
+    bool: ("bool",),
+    int: ("int", "float"),
+    float: ("float",),
+    str: ("str",),
+    list: ("list", "Sequence", "tuple"),
+    dict: ("dict", "Mapping"),
+}
+
+
+def _alternatives(annotation: str) -> list[str]:
+    """The top-level alternatives of an annotation string: ``'int | None'`` -> ``['int', 'None']``."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(annotation):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "|" and depth == 0:
+            out.append(annotation[start:i].strip())
+            start = i + 1
+    out.append(annotation[start:].strip())
+    return [a.split("[", 1)[0].rsplit(".", 1)[-1] for a in out]
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    """Whether a YAML value fits a parameter annotated ``annotation`` (as a string, as Optuna writes them)."""
+    heads = _alternatives(annotation)
+    if value is None:
+        return "None" in heads or "Optional" in heads
+    for t, names in _YAML_TYPES.items():
+        if type(value) is t:
+            return any(h in names or h == "Any" for h in heads)
+    return False
+
+
+def _yaml_settable(annotation: str) -> bool:
+    names = {n for ns in _YAML_TYPES.values() for n in ns} | {"None", "Any"}
+    return any(h in names for h in _alternatives(annotation))
+
+
+def _backend_options(f: _Fields, backend: str) -> dict[str, Any]:
+    """``backend_options`` checked against what the backend takes, before any worker starts."""
+    raw = f.section("backend_options")
+    if backend == "transformers":
+        batch_size = raw.get("batch_size", int, None)
+        if batch_size is not None and batch_size < 1:
+            raise raw.fail("batch_size", f"should be at least 1, got {batch_size}")
+        kernel = raw.get("kernel", str, None)
+        if kernel is not None and kernel not in KERNELS:
+            raise raw.fail("kernel", f"unknown merge kernel {kernel!r} (known: {', '.join(KERNELS)})")
+        raw.done()
+        return {k: v for k, v in (("batch_size", batch_size), ("kernel", kernel)) if v is not None}
+    # vLLM: the in-place merge's own settings, then vllm.LLM's engine arguments.
+    options = dict(raw.raw)
+    raw.raw.clear()
+    kernel = options.get("kernel")
+    if kernel is not None and kernel not in KERNELS:
+        raise raw.fail("kernel", f"unknown merge kernel {kernel!r} (known: {', '.join(KERNELS)})")
+    from safesearch.backends.vllm import unknown_engine_options
+
+    unknown = unknown_engine_options(options)
+    if unknown:
+        raise raw.fail(unknown[0], "neither a safesearch vLLM option (kernel, reload, stop_chunk) nor a "
+                       "vllm.LLM engine argument")
+    return options
 
 
 def sampler_class(name: str) -> type:
@@ -612,6 +704,8 @@ class _Fields:
         if (isinstance(value, bool) and bool not in ts) or not isinstance(value, ts):
             names = " or ".join({dict: "mapping", list: "list", str: "string"}.get(t, t.__name__) for t in ts)
             raise self.fail(key, f"expected {names}, got {type(value).__name__} {value!r:.60}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(key, f"expected a finite number, got {value!r}")
         return value
 
     def section(self, key: str, required: bool = False) -> _Fields:

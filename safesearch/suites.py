@@ -13,11 +13,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from safesearch.datasets import FORMATS, reader_options
 from safesearch.errors import UserError
 from safesearch.judges.base import RULE_PRESETS, Rule, Verdict
+from safesearch.textfiles import read_yaml
 
 METRICS = ("safety", "over_refusal", "mcq_loglik", "mcq_generate", "vqa_closed")
 DIMENSIONS = {
@@ -150,13 +149,7 @@ def find_suite(name: str, dirs: list[Path] | None = None) -> Path:
 
 def load_suite(name: str, dirs: list[Path] | None = None) -> Suite:
     path = find_suite(name, dirs)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserError(f"{where}: malformed YAML ({getattr(e, 'problem', e)})") from None
-    return parse_suite(raw, source=path, default_name=path.stem)
+    return parse_suite(read_yaml(path, "suite"), source=path, default_name=path.stem)
 
 
 class _Fields:
@@ -249,7 +242,7 @@ def _judge(f: _Fields) -> JudgeSpec:
             max_new_tokens=f.positive("max_new_tokens", 16),
         )
     else:
-        from safesearch.judges.http import DEFAULT_TEMPLATE
+        from safesearch.judges.http import DEFAULT_TEMPLATE, base_url_problem, timeout_problem
 
         spec = JudgeSpec(
             type="http",
@@ -263,8 +256,15 @@ def _judge(f: _Fields) -> JudgeSpec:
             concurrency=f.positive("concurrency", 4),
             api_key_env=f.get("api_key_env", str),
         )
+        # The same checks as HttpJudge's constructor, refused here where the file and field can be named.
+        for key, why in (
+            ("base_url", base_url_problem(spec.base_url or "")),
+            ("timeout", timeout_problem(spec.timeout)),
+        ):
+            if why:
+                raise f.fail(key, why)
         if spec.retries < 0:
-            raise f.fail("retries", "should be 0 or more")
+            raise f.fail("retries", f"should be 0 or more, got {spec.retries}")
     if spec.template != "chat" and "{response}" not in (spec.template or ""):
         raise f.fail(
             "template", "should contain {response} (and usually {request}), or be 'chat' for a guard model"

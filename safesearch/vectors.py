@@ -148,7 +148,8 @@ class Sources:
 def open_sources(spec: GraftSpec) -> Sources:
     """Open every checkpoint the spec uses and map its parameters onto the anchor's names."""
     used = {spec.anchor} | {c for v in spec.vectors.values() for c in (v.plus, v.minus)}
-    checkpoints = {n: Checkpoint(spec.checkpoints[n].path, label=n) for n in spec.checkpoints if n in used}
+    checkpoints = {n: Checkpoint(spec.checkpoints[n].path, label=f"{n} ({spec.checkpoints[n].path})")
+                   for n in spec.checkpoints if n in used}
     mapped: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
     for n, ckpt in checkpoints.items():
         layout = ckpt.layout

@@ -130,9 +130,10 @@ def test_image_text_generation_batched_equals_single(llava: TransformersBackend)
 def test_image_text_loglikelihood_sees_the_image(llava: TransformersBackend) -> None:
     requests = [(Prompt("is there a fracture ?", images=(img,)), "yes") for img in IMAGES]
     lls = llava.loglikelihood(requests)
-    assert lls == TransformersBackend(llava.model, processor=llava.processor, batch_size=1).loglikelihood(
-        requests
-    )
+    single = TransformersBackend(llava.model, processor=llava.processor, batch_size=1).loglikelihood(requests)
+    # Padded image batches change the order of float sums: equal to fp32 rounding (1e-7 seen), not bits.
+    assert [g for _, g in lls] == [g for _, g in single]
+    assert [ll for ll, _ in lls] == pytest.approx([ll for ll, _ in single], rel=1e-5)
     assert lls[0][1] == 1 and lls[0][0] != lls[1][0]  # same text, different image, different score
     rendered = llava.render(requests[0][0])
     assert rendered == "<|user|> <image> is there a fracture ? <|assistant|>"

@@ -232,4 +232,4 @@ def test_missing_model_is_one_line(root: Path, tmp_path: Path, capsys: pytest.Ca
     code, _, err = run(
         ["eval", str(tmp_path / "nothing"), "--suite", "toy-benign", "--data-root", str(root)], capsys
     )
-    assert code == 2 and err == f"error: model directory '{tmp_path / 'nothing'}' has no config.json\n"
+    assert code == 2 and err == f"error: model {tmp_path / 'nothing'}: does not exist\n"

@@ -157,3 +157,32 @@ def test_interrupted_export_leaves_nothing(family, merger, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         export_merged(merger, coefs, tmp_path / "out", params=_InterruptAfter(dict(model.named_parameters()), 5))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_merged_tensor_with_nan_or_inf_is_refused_and_nothing_is_written(family, merger, tmp_path):
+    coefs = merger.parse(COEFS)
+    model = load_tiny_model(family["medical"])
+    merger.apply(model, coefs)
+    params = dict(model.named_parameters())
+    name = next(iter(merger.anchor))
+    broken = {**params, name: params[name].detach().clone().index_fill_(0, torch.tensor([0]), float("inf"))}
+    with pytest.raises(UserError, match=r"merged tensor '.*' holds NaN or inf values .*nothing was written"):
+        export_merged(merger, coefs, tmp_path / "out", params=broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_coefficients_that_would_overflow_the_dtype_are_refused_before_merging(merger):
+    merger.check_bounds(merger.parse(COEFS), "c.json")  # ordinary coefficients pass
+    with pytest.raises(UserError, match=r"c.json: safety.layer.1: a coefficient of 1e\+39 .* beyond the largest "
+                                        r"float32 value"):
+        merger.check_bounds(merger.parse({"safety": {"layer.1": 1e39}}), "c.json")
+    with pytest.raises(UserError, match=r"study.yaml: search.medical.embed: a coefficient of 1e\+40"):
+        merger.check_bounds(merger.parse({"medical": {"*": 1e40}}), "study.yaml", prefix="search.")
+
+
+def test_what_a_killed_export_left_is_removed_by_the_next_export_to_that_out(merger, tmp_path):
+    for name in (".out.partial-0badf00d", ".out.old-0badf00d", ".other.partial-0badf00d"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    export_merged(merger, merger.parse(COEFS), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-0badf00d", "out"]

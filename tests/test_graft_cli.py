@@ -74,7 +74,7 @@ def test_merge_exports_what_the_in_memory_merger_computes(toy, capsys, tmp_path)
     with torch.no_grad():
         assert torch.equal(load_tiny_model(tmp_path / "merged")(input_ids=ids).logits, model(input_ids=ids).logits)
     code, _, err = run(capsys, "merge", toy, "--coef", coef, "--out", tmp_path / "merged")
-    assert code != 0 and err == f"error: output {tmp_path / 'merged'} already exists (pass --overwrite to replace it)\n"
+    assert code != 0 and err == f"error: --out {tmp_path / 'merged'}: already exists (pass --overwrite to replace it)\n"
     assert run(capsys, "merge", toy, "--coef", coef, "--out", tmp_path / "merged", "--overwrite")[0] == 0
 
 
@@ -146,12 +146,12 @@ def _corrupt_header(paths, tmp_path):
 
 
 BAD = {
-    "missing directory": (lambda f, t: (graft_spec_dict(f | {"aligned": t / "nowhere"}), None), "checkpoint aligned: .*nowhere does not exist"),
-    "no safetensors file": (_no_weights, "checkpoint unaligned: no model.safetensors or model.safetensors.index.json"),
+    "missing directory": (lambda f, t: (graft_spec_dict(f | {"aligned": t / "nowhere"}), None), r"checkpoint aligned \(.*nowhere\): does not exist"),
+    "no safetensors file": (_no_weights, r"checkpoint unaligned \(.*unaligned\): no model.safetensors or model.safetensors.index.json"),
     "truncated safetensors": (_truncate, "corrupt safetensors file .*truncated"),
     "corrupt safetensors header": (_corrupt_header, "corrupt safetensors file"),
     "index names a missing shard": (_missing_shard, "names shard 'model-00002-of-00002.safetensors'.* which is missing"),
-    "pickle weights": (_pickle, r"checkpoint unaligned: holds pickle weights \(pytorch_model.bin\).*convert"),
+    "pickle weights": (_pickle, r"checkpoint unaligned \(.*unaligned\): holds pickle weights \(pytorch_model.bin\).*convert"),
     "shape mismatch": (_shape, r"shape mismatch for tensor 'model.layers.0.self_attn.q_proj.weight': .*\[64, 64\] vs .*\[32, 64\]"),
     "architecture mismatch": (_architecture, "architecture mismatch: .* is Qwen2ForCausalLM"),
     "unknown preset": (lambda f, t: (graft_spec_dict(f, groups={"preset": "layers"}), None), "groups.preset: unknown group preset 'layers'"),
@@ -191,4 +191,4 @@ def test_missing_spec_and_coefficient_files(family, tmp_path, capsys):
     assert code != 0 and err == f"error: coefficient file {tmp_path / 'c.json'}: does not exist\n"
     (tmp_path / "c.json").write_text("{safety: 1}")
     code, _, err = run(capsys, "merge", tmp_path / "spec.yaml", "--coef", tmp_path / "c.json", "--out", tmp_path / "o")
-    assert code != 0 and err.startswith(f"error: coefficient file {tmp_path / 'c.json'}: not valid JSON") and err.count("\n") == 1
+    assert code != 0 and err.startswith(f"error: coefficient file {tmp_path / 'c.json'}:1: malformed JSON") and err.count("\n") == 1

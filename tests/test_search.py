@@ -4,6 +4,9 @@ artifacts), the budget, the study checks, and the front and its picks."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from safesearch.errors import UserError
 from safesearch.pareto import TrialRecord, best_baseline, dominates, front, front_covers, knee, pick, records
 from safesearch.search import (
     BASELINE_ATTR,
+    TrialFailed,
     build_space,
     ensure_study,
     groups_of,
@@ -27,7 +31,7 @@ from safesearch.search import (
     run_tasks,
     score_all,
 )
-from safesearch.storage import artifact_store_for, open_storage
+from safesearch.storage import RetryTrial, artifact_store_for, open_storage, unretried_failures
 from safesearch.studyspec import StudySpec, study_spec_from_dict
 
 GROUPS = {"safety": ["embed", "layer.0", "layer.1", "norm", "head"], "medical": ["embed", "layer.0", "layer.1", "norm", "head"]}
@@ -205,20 +209,87 @@ def test_cmaes_weighted_is_single_objective_with_a_front(world_spec: StudySpec, 
     assert front(records(study), {"safety": "maximize", "medical": "maximize"})
 
 
-def test_a_failing_trial_is_told_fail(world_spec: StudySpec, worker, tmp_path: Path) -> None:
+class _Failing:
+    """The worker's grafted model, failing (raising ``error``) on the applies numbered in ``fail``."""
+
+    def __init__(self, real: Any, fail: Any, error: BaseException) -> None:
+        self.real, self.fail, self.error, self.n = real, fail, error, 0
+
+    @property
+    def backend(self) -> Any:
+        return self.real.backend
+
+    def apply(self, coefs: Any) -> None:
+        self.n += 1
+        if self.fail(self.n):
+            raise self.error
+        self.real.apply(coefs)
+
+
+@contextmanager
+def _patched(worker: Any, fail: Any, error: BaseException, **spec_changes: Any) -> Iterator[None]:
+    real, spec, retry = worker.grafted, worker.spec, worker.retry
+    worker.grafted = _Failing(real, fail, error)
+    worker.spec = replace(spec, **spec_changes)
+    worker.retry = RetryTrial(worker.spec.max_retries)
+    try:
+        yield
+    finally:
+        worker.grafted, worker.spec, worker.retry = real, spec, retry
+
+
+def test_a_failing_trial_is_told_fail_and_queued_again_with_clean_attrs(world_spec: StudySpec, worker,
+                                                                       tmp_path: Path) -> None:
     study, _ = ensure_study(world_spec, RDBStorage(f"sqlite:///{tmp_path / 'f.db'}"), worker.space)
     trial = study.ask()
-    real = worker.grafted
-
-    class Broken:
-        def apply(self, coefs: Any) -> None:
-            raise RuntimeError("device lost")
-
-    worker.grafted = Broken()
-    try:
-        with pytest.raises(RuntimeError, match="device lost"):
-            worker.run_trial(study, trial)
-    finally:
-        worker.grafted = real
-    t = study.get_trials()[0]
+    trial.set_user_attr("scores", {"safety": 1.0})  # what a half-done trial may hold
+    with _patched(worker, lambda n: True, RuntimeError("device lost\nsecond line")), \
+            pytest.raises(TrialFailed, match="device lost") as failed:
+        worker.run_trial(study, trial)
+    t, *_, retry = study.get_trials()
     assert t.state == TrialState.FAIL and t.user_attrs["error"] == "RuntimeError: device lost"
+    assert failed.value.retry == retry.number and retry.state == TrialState.WAITING
+    assert retry.params == t.params and retry.user_attrs == {"retry_of": t.number, BASELINE_ATTR: "zero"}
+    assert retry.system_attrs == {"failed_trial": t.number, "retry_history": [t.number]}
+
+
+def test_a_worker_outlives_failing_trials_and_every_baseline_runs(world_spec: StudySpec, worker,
+                                                                  tmp_path: Path) -> None:
+    """Every 3rd trial raises (a judge that is down now and then): the worker goes on, each failure is
+    retried, and the study ends with its n_trials COMPLETE, each baseline once, nothing RUNNING."""
+    study, _ = ensure_study(world_spec, RDBStorage(f"sqlite:///{tmp_path / 'g.db'}"), worker.space)
+    failures: list[TrialFailed] = []
+    with _patched(worker, lambda n: n % 3 == 0, RuntimeError("objective 'safety': no item was judged")):
+        assert worker.work(study, world_spec.n_trials, on_failure=failures.append) == world_spec.n_trials
+    counts = {s: len(study.get_trials(states=(s,))) for s in TrialState}
+    assert counts[TrialState.COMPLETE] == world_spec.n_trials and counts[TrialState.RUNNING] == 0
+    assert counts[TrialState.FAIL] == len(failures) >= 1 and counts[TrialState.WAITING] == 0
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert sorted(b for t in done if (b := t.user_attrs.get(BASELINE_ATTR))) == ["lambda=0.5", "zero"]
+    assert all(f.retry is not None for f in failures) and not unretried_failures(study)
+    assert all("error" not in t.user_attrs for t in done)  # a retry starts clean
+
+
+def test_retries_are_bounded_and_a_broken_setup_stops_the_worker(world_spec: StudySpec, worker,
+                                                                 tmp_path: Path) -> None:
+    study, _ = ensure_study(world_spec, RDBStorage(f"sqlite:///{tmp_path / 'h.db'}"), worker.space)
+    with _patched(worker, lambda n: True, RuntimeError("judge unreachable"), max_retries=1,
+                  max_consecutive_failures=3), \
+            pytest.raises(UserError, match=r"worker stopped: 3 trials failed in a row .* trial 2, with "
+                                           r"RuntimeError: judge unreachable"):
+        worker.work(study, world_spec.n_trials)
+    states = [t.state for t in study.get_trials()]
+    # zero (0) and lambda (1) failed and were queued again (2, 3); zero's retry failed too: spent.
+    assert states == [TrialState.FAIL, TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+    assert [t.number for t in unretried_failures(study)] == [2]
+
+
+def test_an_interrupted_trial_is_failed_and_queued_then_the_interrupt_goes_on(world_spec: StudySpec, worker,
+                                                                             tmp_path: Path) -> None:
+    study, _ = ensure_study(world_spec, RDBStorage(f"sqlite:///{tmp_path / 'i.db'}"), worker.space)
+    with _patched(worker, lambda n: True, KeyboardInterrupt()), pytest.raises(KeyboardInterrupt):
+        worker.work(study, world_spec.n_trials)
+    t0, _, retry = study.get_trials()
+    assert t0.state == TrialState.FAIL and t0.user_attrs["error"] == "interrupted (Ctrl-C or SIGTERM)"
+    assert retry.state == TrialState.WAITING and retry.user_attrs[BASELINE_ATTR] == "zero"
+    assert not study.get_trials(states=(TrialState.RUNNING,))

@@ -40,10 +40,43 @@ from safesearch.storage import (
         ("postgresql+psycopg://u@h:5432/d?password=hunter2&x=1", "postgresql+psycopg://u@h:5432/d?password=***&x=1"),
         ("postgresql+psycopg://postgres@127.0.0.1:5432/test", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
         ("sqlite:///storage/safesearch.db", "sqlite:///storage/safesearch.db"),
+        # Unescaped '/', '?', '@' and ':' in a password, and a secret query field holding them.
+        ("postgresql+psycopg://postgres:s3/cr@t?x:y@db:5432/s", "postgresql+psycopg://postgres:***@db:5432/s"),
+        ("postgresql://u@h/d?sslmode=require&password=a/b@c&x=1", "postgresql://u@h/d?sslmode=require&password=***&x=1"),
+        ("https://judge.example/v1?api_key=abc123", "https://judge.example/v1?api_key=***"),
     ],
 )
 def test_mask_url_hides_passwords_only(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+
+
+def test_every_url_in_a_message_is_masked() -> None:
+    from safesearch.redact import mask_secrets
+
+    line = "storage postgresql://u:p/w@h/d: cannot connect ('https://a:b@judge/v1' timed out)"
+    assert mask_secrets(line) == "storage postgresql://u:***@h/d: cannot connect ('https://a:***@judge/v1' timed out)"
+
+
+def test_a_password_with_a_slash_is_never_printed(postgres_url: str, toyworld_small: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Trust authentication ignores the password: the study is created, and the line that says where
+    shows the URL masked."""
+    from study_world import spec_dict, write_spec
+
+    name = f"mask-{uuid.uuid4().hex[:8]}"
+    url = sa.engine.make_url(postgres_url).render_as_string(hide_password=False)
+    url = url.replace("postgres@", "postgres:s3/cr?t@", 1)
+    spec = write_spec(tmp_path / "s.yaml", spec_dict(tmp_path, toyworld_small, n_trials=2, name=name))
+    with pytest.raises(SystemExit) as e:
+        main(["study", "create", str(spec), "--storage", url])
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    try:
+        assert e.value.code == 0, err
+        assert "s3/cr" not in out + err and "postgres:***@127.0.0.1" in err
+    finally:
+        if name in optuna.get_all_study_names(postgres_url):
+            optuna.delete_study(study_name=name, storage=postgres_url)
 
 
 def test_resolve_url(monkeypatch: pytest.MonkeyPatch) -> None:

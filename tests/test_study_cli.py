@@ -178,3 +178,57 @@ def test_the_demo_points_the_toy_study_at_its_world(tmp_path: Path) -> None:
     data = suite.dataset.resolved_path(spec.data_root).parent.parent
     assert data.resolve() == (storage / "toyworld" / "data").resolve()
     assert demo_spec(tmp_path / "storage", 0).data_root == tmp_path.resolve()
+
+
+def _copy_with_changed_checkpoint(done: dict[str, Any], tmp_path: Path) -> str:
+    """A copy of the study whose record of the anchor's config.json no longer matches the file."""
+    import sqlite3
+
+    db = tmp_path / "copy.db"
+    src, dst = sqlite3.connect(done["url"].removeprefix("sqlite:///")), sqlite3.connect(db)
+    src.backup(dst)
+    src.close()
+    (raw,) = dst.execute("select value_json from study_user_attributes where key = 'checkpoint_files'").fetchone()
+    files = json.loads(raw)
+    files["medical"]["config.json"] = [0, 0, "0" * 64]
+    dst.execute("update study_user_attributes set value_json = ? where key = 'checkpoint_files'", (json.dumps(files),))
+    dst.commit()
+    dst.close()
+    return f"sqlite:///{db}"
+
+
+def test_export_guards_out_and_warns_of_changed_checkpoints(done: dict[str, Any], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    recorded = _study(done).user_attrs["checkpoint_files"]
+    assert set(recorded) == {"medical", "aligned", "unaligned"} and len(recorded["medical"]["config.json"][2]) == 64
+    url = _copy_with_changed_checkpoint(done, tmp_path)
+    warning = "warning: checkpoint medical: config.json has changed since study 't' was created"
+    code, _, err = run(["validate", "t", "--storage", url], capsys)
+    assert code == 0 and warning in err
+    out = tmp_path / "out"
+    code, _, err = run(["export", "t", "--trial", "0", "--out", str(out), "--storage", url], capsys)
+    assert code == 0 and warning in err and (out / "safesearch.json").is_file()
+    # --overwrite replaces an earlier export, never a folder of the user's own files.
+    code, _, err = run(["export", "t", "--trial", "1", "--out", str(out), "--storage", url, "--overwrite"], capsys)
+    assert code == 0 and json.loads((out / "safesearch.json").read_text())["study"]["trial"] == 1
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, _, err = run(["export", "t", "--trial", "1", "--out", str(mine), "--storage", url, "--overwrite"], capsys)
+    assert code == 2 and "--overwrite replaces only an earlier export" in err and (mine / "notes.txt").exists()
+
+
+def test_the_demo_reads_the_projects_own_study_not_a_stray_one(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from safesearch.cli.demo import TOY_STUDY, demo_spec
+
+    stray = tmp_path / "studies" / "toy.yaml"
+    stray.parent.mkdir()
+    stray.write_text("name: stray\n")
+    (tmp_path / "objectives").mkdir()
+    (tmp_path / "objectives" / "toy-benign.yaml").write_text("metric: nonsense\n")
+    monkeypatch.chdir(tmp_path)
+    spec = demo_spec(tmp_path / "storage", 0)
+    assert spec.name == "toy" and TOY_STUDY.parent.parent != tmp_path
+    assert all(r.suite.source.parent == TOY_STUDY.parent.parent / "objectives"
+               for o in spec.objectives for r in o.suites)

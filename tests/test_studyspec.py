@@ -133,7 +133,7 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_study_spec(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
-    with pytest.raises(UserError, match=r"bad.yaml: not valid YAML"):
+    with pytest.raises(UserError, match=r"bad.yaml:2: not valid YAML"):
         load_study_spec(bad)
     bad.write_text("- a list\n")
     with pytest.raises(UserError, match=r"bad.yaml: the study spec: expected a mapping"):

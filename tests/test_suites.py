@@ -118,7 +118,7 @@ def test_suite_names_resolve_to_objectives(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"unknown suite 'nope': no nope.yaml in .* \(known: .*toy-benign"):
         find_suite("nope", [OBJECTIVES])
     (tmp_path / "bad.yaml").write_text("metric: [unclosed\n")
-    with pytest.raises(UserError, match=r"bad.yaml:\d+: malformed YAML"):
+    with pytest.raises(UserError, match=r"bad.yaml:\d+: not valid YAML"):
         load_suite("bad", [tmp_path])
 
 

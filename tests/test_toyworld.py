@@ -138,8 +138,8 @@ def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     ("make_out", "expected"),
     [
         (lambda tmp: (tmp / "afile").write_text("x") and tmp / "afile", "is a file, not a directory"),
-        (lambda tmp: (tmp / "afile").write_text("x") and tmp / "afile" / "sub", "cannot be created"),
-        (lambda tmp: Path("/proc/safesearch-toyworld"), "cannot be created"),
+        (lambda tmp: (tmp / "afile").write_text("x") and tmp / "afile" / "sub", "afile is a file, not a directory"),
+        (lambda tmp: Path("/proc/safesearch-toyworld"), "cannot write in /proc"),
     ],
 )
 def test_bad_out_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], make_out, expected: str) -> None:

@@ -10,7 +10,6 @@ computes its own (Qwen2-VL's multimodal positions come from the attention mask).
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,13 +102,15 @@ class TransformersBackend:
     def takes_images(path: str | Path) -> bool:
         """Whether the checkpoint at ``path`` is an image-text model (its config has a vision part),
         read from config.json alone, so that a suite needing images fails before a long load."""
+        from safesearch.textfiles import read_json
+
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise UserError(f"model directory '{path}' has no config.json")
-        try:
-            return "vision_config" in json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{config_file}: malformed JSON ({e.msg})") from None
+        config = read_json(config_file, "model config")
+        if not isinstance(config, dict):
+            raise UserError(f"model config {config_file}: not a JSON object")
+        return "vision_config" in config
 
     @classmethod
     def from_pretrained(

@@ -131,6 +131,21 @@ def checkpoint_dtype(config: Mapping[str, Any]) -> str:
     return "auto"
 
 
+# The options VLLMGrafted takes itself; everything else goes to vllm.LLM.
+GRAFTED_OPTIONS = ("kernel", "reload", "stop_chunk")
+
+
+def engine_fields(vllm: Any) -> set[str]:
+    """The names ``vllm.LLM`` takes as engine arguments."""
+    return {f.name for f in dataclasses.fields(vllm.EngineArgs)}
+
+
+def unknown_engine_options(options: Mapping[str, Any]) -> list[str]:
+    """The keys of a study's vLLM ``backend_options`` that neither VLLMGrafted nor ``vllm.LLM`` takes."""
+    known = engine_fields(import_vllm()) | set(GRAFTED_OPTIONS)
+    return [k for k in options if k not in known]
+
+
 def engine_options(options: Mapping[str, Any], fields: set[str], *, cpu: bool, dtype: str) -> dict[str, Any]:
     """The keyword arguments for ``vllm.LLM``: the user's options, checked by name, over our defaults."""
     for k in options:
@@ -267,7 +282,7 @@ class VLLMBackend:
         from vllm.platforms import current_platform
 
         check_architecture(path, config, vllm.ModelRegistry, vllm.__version__)
-        fields = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
+        fields = engine_fields(vllm)
         opts = engine_options(options, fields, cpu=current_platform.is_cpu(), dtype=checkpoint_dtype(config))
         tokenizer, processor = load_tokenizer(path, "vision_config" in config)
         llm = start_engine(vllm, path, opts)

@@ -1,17 +1,24 @@
 """The ``safesearch`` command line: one click group, a module per concept under ``safesearch.cli``.
 
 ``main`` runs the group outside click's standalone mode so that every usage error and every
-:class:`~safesearch.errors.UserError` ends as one line on stderr and a non-zero exit.
+:class:`~safesearch.errors.UserError` ends as one line on stderr and a non-zero exit (2), and an
+interrupt (Ctrl-C, or SIGTERM, which is handled like it) as one line and exit 130, whenever it comes,
+the imports of the command modules included. Every line printed on an error has its URLs' credentials
+masked, whatever raised it.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
 
 from safesearch import __version__
 from safesearch.errors import UserError
+from safesearch.redact import mask_secrets
+
+INTERRUPTED = 130
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,50 +27,60 @@ def cli() -> None:
     """Graft safety back into fine-tuned models, searching per-group coefficients with Optuna."""
 
 
+_registered = False
+
+
 def _register() -> None:
-    # Imported here so that each command module stays importable on its own.
-    from safesearch.cli import demo, eval, graft, toyworld
+    """Add the commands (imported here: their modules load torch, transformers, optuna...)."""
+    global _registered
+    if _registered:
+        return
+    from safesearch.cli import dashboard, demo, eval, graft, study, toyworld
 
     cli.add_command(toyworld.toyworld)
     cli.add_command(demo.demo)
     cli.add_command(graft.groups)
     cli.add_command(graft.merge)
     cli.add_command(eval.eval_cmd)
-
-    from safesearch.cli import dashboard
-
     cli.add_command(dashboard.dashboard)
-
-    from safesearch.cli import study
-
     cli.add_command(study.study_group)
     cli.add_command(study.worker)
     cli.add_command(study.run)
     cli.add_command(study.pareto)
     cli.add_command(study.validate)
     cli.add_command(study.export)
+    _registered = True
 
 
-_register()
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (a scheduler's or `kill`'s stop) ends the command the way Ctrl-C does: trials told FAIL and
+    # queued again, temporary files removed, one line.
+    raise KeyboardInterrupt
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {mask_secrets(message)}", err=True)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
+        _register()
         cli.main(args=argv, prog_name="safesearch", standalone_mode=False)
     except UserError as e:
-        click.echo(f"error: {e.message}", err=True)
-        sys.exit(e.exit_code)
+        _fail(e.message, e.exit_code)
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
         sys.exit(2)
     except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
-        sys.exit(e.exit_code)
+        _fail(e.format_message(), e.exit_code)
     except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
-        sys.exit(1)
+        _fail("interrupted", INTERRUPTED)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        _fail("interrupted", INTERRUPTED)

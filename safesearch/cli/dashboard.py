@@ -17,7 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import click
 
 from safesearch.errors import UserError
-from safesearch.storage import artifact_store_for, mask_url, open_storage, resolve_url, sqlite_path
+from safesearch.storage import artifact_store_for, mask_url, open_storage, resolve_url
 
 HOST = "127.0.0.1"
 
@@ -34,18 +34,15 @@ class _QuietHandler(WSGIRequestHandler):
 def make_dashboard_server(url: str | None, port: int, artifacts: str | Path | None = None) -> WSGIServer:
     """A threaded WSGI server of optuna-dashboard on 127.0.0.1:``port`` (0 picks a free port).
 
-    Raises :class:`UserError` for a SQLite store that does not exist, a storage that cannot be opened,
-    or a port that is taken.
+    Raises :class:`UserError` for a storage that holds no studies (nothing is created), one that cannot be
+    opened, an artifact store that is a file, or a port that is taken.
     """
     from optuna_dashboard import wsgi
 
     url = resolve_url(url)
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise UserError(f"storage {url}: {path} does not exist (create a study first: safesearch study create SPEC)")
-    # The dashboard runs no trial: no heartbeat.
-    storage = open_storage(url, heartbeat_interval=None)
-    store = artifact_store_for(url, artifacts)
+    # The dashboard runs no trial (no heartbeat) and creates nothing: a storage without studies is an error.
+    storage = open_storage(url, heartbeat_interval=None, create=False)
+    store = artifact_store_for(url, artifacts, create=False)
     app = wsgi(storage, artifact_store=store)
     try:
         return make_server(HOST, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
@@ -68,7 +65,7 @@ def dashboard(storage_url: str | None, port: int, artifacts: Path | None) -> Non
     url = resolve_url(storage_url)
     server = make_dashboard_server(url, port, artifacts)
     bound = server.server_address[1]
-    store = artifact_store_for(url, artifacts)
+    store = artifact_store_for(url, artifacts, create=False)
     # Flushed at once: a caller (or a test) waits for this line to know the port.
     print(f"optuna-dashboard on http://{HOST}:{bound}/dashboard  (storage {mask_url(url)}, "
           f"artifacts {store._base_path}); Ctrl-C to stop", file=sys.stderr, flush=True)

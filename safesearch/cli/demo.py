@@ -18,25 +18,26 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 from rich.console import Console
 from rich.panel import Panel
 
 from safesearch.cli.toyworld import build_and_report
 from safesearch.errors import UserError
 from safesearch.studyspec import StudySpec, study_spec_from_dict
+from safesearch.textfiles import read_yaml
 
 DEFAULT_STORAGE = Path("storage")
-TOY_STUDY = Path("studies") / "toy.yaml"
 _REPO = Path(__file__).resolve().parents[2]
+# The project's own toy study and suites, never a file of the same name in the working directory.
+TOY_STUDY = _REPO / "studies" / "toy.yaml"
+SUITES = _REPO / "objectives"
 
 
 def toy_study_path() -> Path:
-    """``studies/toy.yaml`` of the working directory, else of the source tree the package runs from."""
-    for candidate in (Path.cwd() / TOY_STUDY, _REPO / TOY_STUDY):
-        if candidate.is_file():
-            return candidate
-    raise UserError(f"{TOY_STUDY}: not found in {Path.cwd()} or {_REPO} (run the demo from the repository)")
+    """The project's ``studies/toy.yaml`` (of the source tree the package runs from)."""
+    if not TOY_STUDY.is_file():
+        raise UserError(f"{TOY_STUDY}: not found (the demo runs from the project's source tree)")
+    return TOY_STUDY
 
 
 def suite_root(storage: Path) -> Path:
@@ -57,7 +58,7 @@ def demo_spec(storage: Path, seed: int, template: Path | None = None) -> StudySp
     from safesearch.graftspec import load_spec, spec_from_dict
 
     template = template or toy_study_path()
-    data: dict[str, Any] = yaml.safe_load(template.read_text(encoding="utf-8"))
+    data: dict[str, Any] = read_yaml(template, "study spec")
     graft = data["graft"]
     graft_spec = (
         load_spec(template.parent / graft) if isinstance(graft, str) else spec_from_dict(graft, template.parent)
@@ -69,13 +70,14 @@ def demo_spec(storage: Path, seed: int, template: Path | None = None) -> StudySp
     base = data.get("name", template.stem)
     data.update(graft=graft_dict, data_root=str(suite_root(storage)), seed=seed,
                 name=base if seed == 0 else f"{base}-seed{seed}")
-    return study_spec_from_dict(data, base_dir=template.parent, where=str(template))
+    return study_spec_from_dict(data, base_dir=template.parent, where=str(template), suite_dirs=[SUITES])
 
 
 @click.command("demo")
 @click.option("--storage", type=click.Path(path_type=Path), default=DEFAULT_STORAGE, show_default=True,
               help="Where the toy world, the study database, the artifacts and the export live.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the toy world and of the sampler.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the toy world and of the sampler.")
 def demo(storage: Path, seed: int) -> None:
     """The whole demo: toy world, the toy study on SQLite, its front, validation, export of the knee."""
     from safesearch.cli.study import (

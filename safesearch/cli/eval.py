@@ -16,9 +16,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
+from safesearch.checkpoint import check_model
+from safesearch.devices import check_device
 from safesearch.errors import UserError
 from safesearch.evaluate import SuiteResult, build_judge, evaluate, load_items, work_units
 from safesearch.judges import Judge
+from safesearch.outputs import check_output_file
 from safesearch.suites import JudgeSpec, default_data_root, default_suite_dirs, load_suite
 
 BACKENDS = ("transformers", "vllm")
@@ -109,23 +112,38 @@ def eval_cmd(
     """Evaluate MODEL (a checkpoint directory) on one or more suites."""
     from safesearch.backends.transformers import TransformersBackend
 
+    # Everything that can be wrong with the input is checked before the model loads.
+    for flag, folder in (("--data-root", data_root), ("--suites-dir", suites_dir)):
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"{flag} {folder}: {'is not a directory' if folder.exists() else 'does not exist'}")
+    if any(not name.strip() for name in suites):
+        raise UserError("--suite: an empty suite name (give a name from objectives/ or a YAML path)")
+    if backend == "vllm":
+        from safesearch.backends.vllm import parse_options
+
+        engine_options = parse_options(vllm_options, "--vllm-option")
+    elif vllm_options:
+        raise UserError("--vllm-option: engine options apply to --backend vllm only")
+    else:
+        check_device(device, "--device")
     root = data_root or default_data_root()
     dirs = [suites_dir] if suites_dir else default_suite_dirs()
-    # Everything that can be wrong with the input is checked before the model loads.
     loaded = [load_suite(name, dirs) for name in suites]
     items = {s.name: load_items(s, root, limit=limit, seed=seed) for s in loaded}
-    if json_out is not None and json_out.is_dir():
-        raise UserError(f"--json '{json_out}' is a directory")
+    if json_out is not None:
+        check_output_file(json_out, "--json")
+    check_model(model)
     if not TransformersBackend.takes_images(model):
         for s in loaded:
             if s.attack == "figstep" or any(it.image is not None for it in items[s.name]):
-                raise UserError(f"suite '{s.name}' shows images, but the model at '{model}' takes text only")
+                how = " (a FigStep suite: requests typed into images)" if s.attack == "figstep" else ""
+                raise UserError(f"suite '{s.name}' shows images, but the model at '{model}' takes text only{how}")
     # Our own progress bar says what runs; transformers' weight-loading bars would only clutter stderr.
     hf_logging.disable_progress_bar()
     if backend == "vllm":
-        from safesearch.backends.vllm import VLLMBackend, parse_options
+        from safesearch.backends.vllm import VLLMBackend
 
-        model_backend = VLLMBackend.from_pretrained(model, **parse_options(vllm_options, "--vllm-option"))
+        model_backend = VLLMBackend.from_pretrained(model, **engine_options)
     else:
         model_backend = TransformersBackend.from_pretrained(model, device=device, batch_size=batch_size)
     judges: dict[JudgeSpec, Judge] = {}

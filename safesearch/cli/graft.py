@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from safesearch.errors import UserError
+from safesearch.devices import check_device
 from safesearch.graftspec import load_spec
 from safesearch.grouping import group_parameters
+from safesearch.outputs import check_output_dir
 from safesearch.vectors import open_sources
 
 
@@ -55,26 +55,18 @@ def merge(spec: Path, coef_path: Path, out: Path, overwrite: bool, device: str |
     from safesearch.merging import Merger, load_coefficients
 
     s = load_spec(spec)
-    if out.exists() and not overwrite:
-        raise UserError(f"output {out} already exists (pass --overwrite to replace it)")
+    check_device(device, "--device")
+    check_device(s.device, f"{spec}: device")
+    check_output_dir(out, "--out", overwrite=overwrite,
+                     checkpoints=[(c.name, c.path) for c in s.checkpoints.values()],
+                     inputs=[("the spec's folder", spec.parent), ("the coefficient file", coef_path)])
     sources = open_sources(s)
     grouping = group_parameters(sources.anchor.layout.parameters, s.groups)
     coefs = load_coefficients(coef_path, {v: list(grouping.groups) for v in s.vectors})
-    merger = Merger.from_spec(s, device=_device(device) if device else None, sources=sources)
+    merger = Merger.from_spec(s, device=device, sources=sources)
+    merger.check_bounds(coefs, where=f"coefficient file {coef_path}")
     export_merged(merger, coefs, out, overwrite=overwrite)
     click.echo(f"wrote {out} ({len(merger.names)} merged tensors, {merger.dtype}, anchor {s.anchor})")
-
-
-def _device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: {name!r} is not a device (cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device: {name!r} asked for, but CUDA is not available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device: {name!r} is not a device (cpu, cuda, cuda:N)")
-    return dev
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -65,23 +65,55 @@ def _fmt(x: Any) -> str:
 # -- the study -------------------------------------------------------------------------------------------
 
 
-def _setup(spec_path: StudySpec | Path, storage_url: str | None, *, sampler_seed: int | None = None,
-           create: bool = True, heartbeat_s: int | None = None, grace_s: int | None = None):
-    """Spec, storage, search space and study (created with its baselines, or joined).
-
-    ``heartbeat_s``/``grace_s``: the storage heartbeat (default: safesearch.storage's, 60 s / twice that)."""
-    from safesearch.search import build_space, ensure_study, groups_of, prepare_tasks, search_refs
-    from safesearch.storage import DEFAULT_HEARTBEAT_INTERVAL, open_storage
+def _plan(spec: StudySpec) -> Any:
+    """What can be checked before anything is loaded or stored: every suite's items are read (a missing
+    data file), the checkpoints' headers (a missing or corrupt checkpoint), the search space and its
+    ranges; the search space is returned."""
+    from safesearch.search import prepare_tasks, search_refs, search_space
 
     _quiet_transformers()
-    spec = spec_path if isinstance(spec_path, StudySpec) else load_study_spec(spec_path)
-    # Read every suite's items now: a missing data file is reported before anything is created.
     prepare_tasks(search_refs(spec), spec.data_root)
-    space = build_space(spec, *groups_of(spec))
+    return search_space(spec)
+
+
+def _check_before_loading(spec: StudySpec, storage_url: str | None, device: str | None,
+                          artifacts: Path | None) -> Any:
+    """Before a worker loads its model: the devices, the storage (created nothing: a model that then
+    fails to load leaves no database behind) and the artifact store. Returns the existing study of that
+    name (checked to accept this spec) or None."""
+    from safesearch.devices import check_device
+    from safesearch.outputs import check_output_dir_writable
+    from safesearch.search import check_joinable, spec_where
+    from safesearch.storage import artifact_store_for, load_study, probe_storage
+
+    check_device(device, "--device")
+    check_device(spec.device, f"{spec_where(spec)}: device")
+    check_device(spec.graft.device, f"{spec_where(spec)}: graft.device")
+    existing = None
+    if probe_storage(storage_url):
+        try:
+            existing = load_study(storage_url, spec.name)
+        except UserError:  # no such study yet
+            existing = None
+        if existing is not None:
+            check_joinable(existing, spec)
+    check_output_dir_writable(Path(artifact_store_for(storage_url, artifacts, create=False)._base_path),
+                              "--artifacts")
+    return existing
+
+
+def _open_study(spec: StudySpec, space: Any, storage_url: str | None, *, sampler_seed: int | None = None,
+                heartbeat_s: int | None = None, grace_s: int | None = None) -> tuple[Any, Any, bool]:
+    """(storage, study, created): the study created with its baselines, or joined.
+
+    ``heartbeat_s``/``grace_s``: the storage heartbeat (default: safesearch.storage's, 60 s / twice that)."""
+    from safesearch.search import ensure_study
+    from safesearch.storage import DEFAULT_HEARTBEAT_INTERVAL, open_storage
+
     storage = open_storage(storage_url, heartbeat_interval=heartbeat_s or DEFAULT_HEARTBEAT_INTERVAL,
-                           grace_period=grace_s)
-    study, created = ensure_study(spec, storage, space, sampler_seed=sampler_seed, create=create)
-    return spec, storage, space, study, created
+                           grace_period=grace_s, max_retry=spec.max_retries)
+    study, created = ensure_study(spec, storage, space, sampler_seed=sampler_seed)
+    return storage, study, created
 
 
 def _describe(spec: StudySpec, space: Any, created: bool, storage: Any, console: Console) -> None:
@@ -91,9 +123,10 @@ def _describe(spec: StudySpec, space: Any, created: bool, storage: Any, console:
     verb = "created" if created else "joined"
     objectives = ", ".join(f"{o.name} ({o.direction})" for o in spec.objectives)
     console.print(
-        f"{verb} study [bold]{spec.name}[/] in {mask_url(storage.url)}: {len(space.params)} parameters, "
+        f"{verb} study [bold]{spec.name}[/] in {escape(mask_url(storage.url))}: {len(space.params)} parameters, "
         f"objectives {objectives}, sampler {spec.sampler.name}, {spec.n_trials} trials"
-        + (f" ({n_base} baselines enqueued)" if created else "")
+        + (f" ({n_base} baselines enqueued)" if created else ""),
+        soft_wrap=True,
     )
 
 
@@ -108,7 +141,9 @@ def study_group() -> None:
 def create(spec_path: Path, storage_url: str | None) -> None:
     """Create the study of SPEC (or join it if it exists with the same spec), baselines enqueued."""
     console = Console(stderr=True)
-    spec, storage, space, study, created = _setup(spec_path, storage_url)
+    spec = load_study_spec(spec_path)
+    space = _plan(spec)
+    storage, study, created = _open_study(spec, space, storage_url)
     _describe(spec, space, created, storage, console)
 
 
@@ -126,13 +161,38 @@ def _trial_line(outcome: Any, n_done: int, n_trials: int) -> str:
             f"  study {n_done}/{n_trials}")
 
 
-def _open_worker(spec: StudySpec, storage_url: str | None, device: str | None, artifacts: Path | None, space: Any):
+def _open_worker(spec: StudySpec, device: str | None, space: Any) -> Any:
     from safesearch.search import open_worker
-    from safesearch.storage import artifact_store_for
 
     _quiet_transformers()
-    store = artifact_store_for(storage_url, artifacts)
-    return open_worker(spec, device=device, artifact_store=store, space=space)
+    return open_worker(spec, device=device, space=space)
+
+
+def _serve(w: Any, spec: StudySpec, space: Any, storage_url: str | None, artifacts: Path | None,
+           console: Console, **study_kwargs: Any) -> tuple[Any, bool]:
+    """Create or join the study once the worker ``w`` is loaded, and give ``w`` its artifact store."""
+    from safesearch.storage import artifact_store_for
+
+    storage, study, created = _open_study(spec, space, storage_url, **study_kwargs)
+    w.artifact_store = artifact_store_for(storage_url, artifacts)
+    _describe(spec, space, created, storage, console)
+    return study, created
+
+
+def _failure_line(f: Any) -> str:
+    retry = f"; it runs again as trial {f.retry}" if f.retry is not None else "; its retries are spent"
+    return f"trial {f.number} failed: {f.error}{retry}"
+
+
+def _warn_unretried(study: Any, console: Console) -> None:
+    """One warning per failed trial that nobody runs again: a baseline or a point missing from the front."""
+    from safesearch.storage import BASELINE_ATTR, unretried_failures
+
+    for t in unretried_failures(study):
+        what = f"baseline {t.user_attrs[BASELINE_ATTR]}" if BASELINE_ATTR in t.user_attrs else "its point"
+        console.print(escape(f"warning: trial {t.number} failed ({t.user_attrs.get('error', 'no error recorded')}) "
+                             f"and is not run again: {what} is missing from the study"), highlight=False,
+                      soft_wrap=True)
 
 
 def _complete_count(study: Any) -> int:
@@ -159,20 +219,25 @@ def worker(spec_path: Path, storage_url: str | None, n_trials: int | None, devic
            grace_s: int | None) -> None:
     """Join the study of SPEC (creating it if needed) and serve trials until it has its n_trials."""
     console = Console(stderr=True)
-    spec, storage, space, study, created = _setup(spec_path, storage_url, sampler_seed=seed,
-                                                  heartbeat_s=heartbeat_s, grace_s=grace_s)
-    if seed is None and not created:
-        study.sampler = _reseeded(spec, _worker_seed(spec, created))
-    _describe(spec, space, created, storage, console)
-    w = _open_worker(_with_backend(spec, backend), storage_url, device, artifacts, space)
+    spec = _with_backend(load_study_spec(spec_path), backend)
+    space = _plan(spec)
+    _check_before_loading(spec, storage_url, device, artifacts)
+    w = _open_worker(spec, device, space)
     try:
+        study, created = _serve(w, spec, space, storage_url, artifacts, console, sampler_seed=seed,
+                                heartbeat_s=heartbeat_s, grace_s=grace_s)
+        if seed is None and not created:
+            study.sampler = _reseeded(spec, _worker_seed(spec, created))
         done = w.work(
             study, spec.n_trials, max_trials=n_trials,
-            on_trial=lambda o: console.print(_trial_line(o, _complete_count(study), spec.n_trials), highlight=False),
+            on_trial=lambda o: console.print(_trial_line(o, _complete_count(study), spec.n_trials), highlight=False,
+                                             soft_wrap=True),
+            on_failure=lambda f: console.print(escape(_failure_line(f)), highlight=False, soft_wrap=True),
         )
     finally:
         w.close()
     console.print(f"worker done: {done} trials here; the study has {_complete_count(study)}/{spec.n_trials} complete")
+    _warn_unretried(study, console)
 
 
 def _reseeded(spec: StudySpec, seed: int) -> Any:
@@ -229,29 +294,31 @@ def run(spec_path: Path, storage_url: str | None, device: str | None, artifacts:
         backend: str | None) -> None:
     """Create the study of SPEC and work on it until it has its trials, showing the current front."""
     console = Console(stderr=True)
-    run_study(_with_backend(load_study_spec(spec_path), backend) if backend else spec_path, storage_url, device,
-              artifacts, console)
+    run_study(_with_backend(load_study_spec(spec_path), backend), storage_url, device, artifacts, console)
 
 
-def run_study(spec_path: StudySpec | Path, storage_url: str | None, device: str | None, artifacts: Path | None,
+def run_study(spec: StudySpec, storage_url: str | None, device: str | None, artifacts: Path | None,
               console: Console) -> tuple[StudySpec, Any]:
     """Create (or join) the study and work on it until it has its trials; the front shown as it grows."""
-    spec, storage, space, study, created = _setup(spec_path, storage_url)
-    if _complete_count(study) >= spec.n_trials:
+    space = _plan(spec)
+    existing = _check_before_loading(spec, storage_url, device, artifacts)
+    if existing is not None and _complete_count(existing) >= spec.n_trials:
         console.print(f"study {spec.name} already has its {spec.n_trials} trials")
-        return spec, study
-    _describe(spec, space, created, storage, console)
-    w = _open_worker(spec, storage_url, device, artifacts, space)
-    directions = _directions(spec)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console)
-    task = progress.add_task(f"study {spec.name}", total=spec.n_trials, completed=_complete_count(study), last="")
-
-    def view() -> Group:
-        rs = records(study)
-        return Group(progress, _front_table(rs, directions, "current front", all_baselines=False))
-
+        _warn_unretried(existing, console)
+        return spec, existing
+    w = _open_worker(spec, device, space)
     try:
+        study, _ = _serve(w, spec, space, storage_url, artifacts, console)
+        directions = _directions(spec)
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console)
+        task = progress.add_task(f"study {spec.name}", total=spec.n_trials, completed=_complete_count(study),
+                                 last="")
+
+        def view() -> Group:
+            rs = records(study)
+            return Group(progress, _front_table(rs, directions, "current front", all_baselines=False))
+
         with Live(view(), console=console, refresh_per_second=4, transient=False) as live:
             def on_trial(o: Any) -> None:
                 scores = " ".join(f"{k}={v:.3f}" for k, v in o.scores.items())
@@ -259,11 +326,15 @@ def run_study(spec_path: StudySpec | Path, storage_url: str | None, device: str 
                                 last=f"trial {o.number}{' [' + o.baseline + ']' if o.baseline else ''}: {scores}")
                 live.update(view())
 
-            w.work(study, spec.n_trials, on_trial=on_trial)
+            def on_failure(f: Any) -> None:
+                live.console.print(escape(_failure_line(f)), highlight=False, soft_wrap=True)
+
+            w.work(study, spec.n_trials, on_trial=on_trial, on_failure=on_failure)
     finally:
         w.close()
     rs = records(study)
     console.print(_front_table(rs, directions, f"study {spec.name}: Pareto front (*) and baselines"))
+    _warn_unretried(study, console)
     return spec, study
 
 
@@ -275,9 +346,19 @@ def _load(study_name: str, storage_url: str | None):
     from safesearch.storage import load_study, open_storage
 
     _quiet_transformers()
-    storage = open_storage(storage_url, heartbeat_interval=None)
+    storage = open_storage(storage_url, heartbeat_interval=None, create=False)
     study = load_study(storage, study_name)
     return stored_spec(study), study, storage
+
+
+def _warn_changed_checkpoints(study: Any, spec: StudySpec, console: Console) -> None:
+    """A warning per checkpoint file that differs from what the study was created with."""
+    from safesearch.search import changed_checkpoint_files
+
+    for name, file in changed_checkpoint_files(study, spec):
+        console.print(escape(f"warning: checkpoint {name}: {file} has changed since study {study.study_name!r} "
+                             "was created (sha256 differs); what is scored or exported now is not what was searched"),
+                      highlight=False, soft_wrap=True)
 
 
 def _references(study: Any) -> dict[str, dict]:
@@ -294,16 +375,26 @@ def default_plot_path(storage_url: str | None, study_name: str) -> Path:
     return (db.parent if db is not None else Path("storage")) / "plots" / f"{study_name}-pareto.png"
 
 
-def pareto_report(study_name: str, storage_url: str | None, plot: Path | None) -> dict[str, Any]:
-    """The front, the baselines, the references, and the plot's path, as plain data."""
-    spec, study, _ = _load(study_name, storage_url)
-    directions = _directions(spec)
+def _completed(study: Any, study_name: str) -> list[TrialRecord]:
     rs = records(study)
     if not rs:
         raise UserError(f"study {study_name!r}: no completed trial yet")
+    return rs
+
+
+def pareto_report(study_name: str, storage_url: str | None, plot: Path | None) -> dict[str, Any]:
+    """The front, the baselines, the references, the plot's path and the failed trials nobody runs
+    again, as plain data."""
+    from safesearch.outputs import check_output_file
+    from safesearch.storage import BASELINE_ATTR, unretried_failures
+
+    spec, study, _ = _load(study_name, storage_url)
+    directions = _directions(spec)
+    rs = _completed(study, study_name)
     fr = front(rs, directions)
     refs = _references(study)
     plot = plot or default_plot_path(storage_url, study_name)
+    check_output_file(plot, "--plot")
     plot_front(rs, directions, plot, f"study {study_name}: {len(rs)} trials", references={
         k: v.get("scores", {}) for k, v in refs.items()})
     return {
@@ -315,6 +406,10 @@ def pareto_report(study_name: str, storage_url: str | None, plot: Path | None) -
         "picks": {p: pick(rs, directions, p).number for p in PICKS},
         "references": refs,
         "plot": str(plot),
+        "failed_not_retried": [
+            {"trial": t.number, "baseline": t.user_attrs.get(BASELINE_ATTR), "error": t.user_attrs.get("error")}
+            for t in unretried_failures(study)
+        ],
     }
 
 
@@ -337,6 +432,7 @@ def pareto(study_name: str, storage_url: str | None, as_json: bool, plot: Path |
                                references=report["references"]))
     console.print("picks: " + ", ".join(f"{k} = trial {v}" for k, v in report["picks"].items()))
     console.print(f"plot: {report['plot']}")
+    _warn_unretried(study, Console(stderr=True))
 
 
 # -- validation ------------------------------------------------------------------------------------------
@@ -349,6 +445,7 @@ def validate_study(study_name: str, storage_url: str | None, device: str | None,
     Stored as study user attrs ``holdout.trial.<N>`` / ``holdout.checkpoint.<name>``; ones already there
     are kept unless ``force`` (the scores are a function of the weights and the items)."""
     from safesearch.backends.transformers import TransformersBackend
+    from safesearch.devices import check_device
     from safesearch.grafted import open_grafted
     from safesearch.search import (
         HOLDOUT_CHECKPOINT,
@@ -359,9 +456,11 @@ def validate_study(study_name: str, storage_url: str | None, device: str | None,
     )
 
     console = console or Console(stderr=True)
+    check_device(device, "--device")
     spec, study, _ = _load(study_name, storage_url)
     directions = _directions(spec)
-    rs = records(study)
+    rs = _completed(study, study_name)
+    _warn_changed_checkpoints(study, spec, console)
     todo = sorted({r.number for r in front(rs, directions)} | {r.number for r in rs if r.baseline})
     attrs = study.user_attrs
     if not force:
@@ -434,17 +533,25 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
     and carries the search (and holdout) scores."""
     from optuna.trial import TrialState
 
+    from safesearch.devices import check_device
     from safesearch.export import export_merged
     from safesearch.merging import Merger
+    from safesearch.outputs import check_output_dir
     from safesearch.search import FINGERPRINT_ATTR
-    from safesearch.storage import mask_url
+    from safesearch.storage import artifact_store_for, mask_url, sqlite_path
 
     if (trial is None) == (pick_how is None):
         raise UserError("export: give either --trial N or --pick " + "|".join(PICKS))
+    check_device(device, "--device")
     spec, study, storage = _load(study_name, storage_url)
+    db = sqlite_path(storage.url)
+    check_output_dir(out, "--out", overwrite=overwrite,
+                     checkpoints=[(c.name, c.path) for c in spec.graft.checkpoints.values()],
+                     inputs=[("the study database", db)] * (db is not None)
+                     + [("the artifact store", Path(artifact_store_for(storage.url, create=False)._base_path))])
     directions = _directions(spec)
     if pick_how is not None:
-        number = pick(records(study), directions, pick_how).number
+        number = pick(_completed(study, study_name), directions, pick_how).number
     else:
         all_trials = study.get_trials(deepcopy=False)
         if not 0 <= trial < len(all_trials):  # type: ignore[operator]
@@ -456,9 +563,11 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
         raise UserError(f"--trial {number}: trial {number} of study {study_name!r} is {frozen.state.name}, "
                         "not COMPLETE; only completed trials export")
     record = next(r for r in records(study) if r.number == number)
+    _warn_changed_checkpoints(study, spec, Console(stderr=True))
     merger = Merger.from_spec(spec.graft, device=device or "cpu",
                               kernel=spec.backend_options.get("kernel", "eager"))
     coefs = merger.parse(record.coefficients, where=f"trial {number}'s coefficients")
+    merger.check_bounds(coefs, where=f"trial {number}'s coefficients")
     provenance = {
         "study": {
             "name": study_name,

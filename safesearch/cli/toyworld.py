@@ -67,7 +67,10 @@ def quick_check_table(rows: list[CheckRow], title: str) -> Table:
 
 
 def build_and_report(out: Path, seed: int, profile: str, console: Console) -> tw.BuildResult:
+    from safesearch.outputs import check_output_dir_writable
+
     prof = tw.profile_named(profile)
+    check_output_dir_writable(out, "toy world")
     with RichProgress(console) as progress:
         result = tw.build(out, seed, prof, progress)
     console.print(quick_check_table(result.quickcheck, f"quick check, held-out split ({out}, seed {seed}, {profile})"))
@@ -82,7 +85,8 @@ def toyworld() -> None:
 
 @toyworld.command("build")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data and of every stage.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the data and of every stage.")
 @click.option("--profile", default="full", show_default=True, help=f"Size: {', '.join(tw.PROFILES)}.")
 def build_cmd(out: Path, seed: int, profile: str) -> None:
     """Train base, aligned, unaligned and medical into OUT (complete checkpoints are reused)."""
