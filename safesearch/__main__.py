@@ -1,30 +1,30 @@
 """The ``safesearch`` script (and ``python -m safesearch``).
 
-The command line's own module is imported inside the guard below, so that a Ctrl-C during start-up
-(importing the command line takes a moment) ends as one line and exit 130 too, never a traceback; once
-a command has ended on an interrupt, further Ctrl-Cs cannot break the interpreter's shutdown.
+SIGINT and SIGTERM are taken over first thing, and the command line is imported inside the guard below,
+so that an interrupt during start-up (importing the command line takes a moment) ends as one line and
+exit code 130 too, never a traceback; once the command is over, whatever its exit code, both signals are
+ignored so that nothing can break the interpreter's shutdown.
 """
 
 from __future__ import annotations
 
-import signal
 import sys
+
+from safesearch import interrupts
 
 
 def main() -> None:
+    interrupts.install()
     try:
-        from safesearch.cli import INTERRUPTED
         from safesearch.cli import main as cli_main
     except KeyboardInterrupt:
+        interrupts.ignore()
         sys.stderr.write("error: interrupted\n")
         sys.exit(130)
     try:
         cli_main()
-    except SystemExit as e:
-        if e.code == INTERRUPTED:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise
+    finally:
+        interrupts.ignore()
 
 
 if __name__ == "__main__":

@@ -323,14 +323,24 @@ def _meta_model(ckpt: Checkpoint) -> torch.nn.Module | None:
     if not ckpt.config:
         return None
     cls = getattr(transformers, ckpt.architecture, None)
-    if cls is None or not hasattr(cls, "_from_config"):
+    named = bool(ckpt.config.get("architectures"))
+    if named and (cls is None or not hasattr(cls, "_from_config")):
         return None
     try:
         config = transformers.AutoConfig.from_pretrained(str(ckpt.path), local_files_only=True)
     except (ValueError, KeyError, OSError) as e:
         raise UserError(f"checkpoint {ckpt.label}: config.json cannot be read by transformers: {e}") from None
     with torch.device("meta"):
-        return cls._from_config(config)
+        if named:
+            return cls._from_config(config)
+        # No architectures named: the class transformers' Auto loader would build from model_type, so that
+        # a config whose sizes disagree with the tensors is caught here, not by allocating the model.
+        auto = (transformers.AutoModelForImageTextToText if "vision_config" in ckpt.config
+                else transformers.AutoModelForCausalLM)
+        try:
+            return auto.from_config(config)
+        except (ValueError, KeyError):
+            return None
 
 
 def _renamer(model: torch.nn.Module, state: dict[str, bool]):

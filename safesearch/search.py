@@ -23,6 +23,7 @@ takes no more attrs) and ``holdout.checkpoint.<name>`` for the graft's checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from optuna.artifacts import upload_artifact
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
 from optuna.trial import TrialState
 
+from safesearch import interrupts
 from safesearch.backends.base import Backend
 from safesearch.datasets import Item
 from safesearch.errors import UserError
@@ -358,12 +360,19 @@ def ensure_study(
     else:
         study = open_study(storage, spec.name, spec.directions, sampler=sampler, create=False)
     if created:
-        study.set_user_attr(SPEC_ATTR, spec.to_dict())
-        study.set_user_attr("objectives", {o.name: o.direction for o in spec.objectives})
-        study.set_user_attr("sampler", spec.sampler.name)
-        for label, params in space.baseline_params(spec):
-            study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label})
-        study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())  # the study is ready for joiners
+        try:
+            study.set_user_attr(SPEC_ATTR, spec.to_dict())
+            study.set_user_attr("objectives", {o.name: o.direction for o in spec.objectives})
+            study.set_user_attr("sampler", spec.sampler.name)
+            for label, params in space.baseline_params(spec):
+                study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label})
+            study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())  # the study is ready for joiners
+        except BaseException:
+            # Interrupted half-way: a study without its fingerprint would stall every later joiner. Nobody
+            # has worked on it yet (joiners wait for the fingerprint), so it goes, and the next run creates it.
+            with interrupts.deferred(), contextlib.suppress(Exception):
+                optuna.delete_study(study_name=spec.name, storage=storage)
+            raise
         # After the fingerprint: hashing a 7B model's files takes a while, and joiners need none of it.
         study.set_user_attr(CHECKPOINT_FILES_ATTR, checkpoint_files(spec))
         return study, True
@@ -590,6 +599,7 @@ class Worker:
 
         done = failed_in_a_row = 0
         while max_trials is None or done < max_trials:
+            interrupts.raise_if_requested()
             if should_stop is not None and should_stop():
                 break
             t0 = time.perf_counter()

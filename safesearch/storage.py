@@ -40,8 +40,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import signal
-import threading
 import time
 import warnings
 import zlib
@@ -58,6 +56,7 @@ from optuna.storages import RDBStorage
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
+from safesearch import interrupts
 from safesearch.errors import UserError
 from safesearch.redact import mask_url
 
@@ -74,6 +73,8 @@ _SCHEMA_LOCK_KEY = zlib.crc32(b"safesearch:optuna-schema-init")
 SURPLUS_ATTR = "safesearch:surplus"
 # Optuna's own system attr of a retried trial: the numbers of every earlier attempt, first one first.
 RETRY_HISTORY = "retry_history"
+# Optuna's system attr of an enqueued trial: the parameter values it will suggest.
+FIXED_PARAMS = "fixed_params"
 # User attr naming a baseline trial (``zero``, ``lambda=0.5``): kept by its retries.
 BASELINE_ATTR = "baseline"
 # How often a failed trial is run again (a spec's ``max_retries`` overrides it).
@@ -373,7 +374,8 @@ class RetryTrial:
     and starts clean: of the user attrs only ``baseline`` is kept (a retried baseline is still that
     baseline), plus ``retry_of`` (the trial it retries); the system attrs are Optuna's
     ``failed_trial`` (the first attempt) and ``retry_history`` (every attempt so far), which
-    :func:`unretried_failures` reads. Returns the retry's number, or None when the retries are spent.
+    :func:`unretried_failures` reads, and an enqueued trial's ``fixed_params``. Returns the retry's
+    number, or None when the retries are spent.
     """
 
     def __init__(self, max_retries: int | None = DEFAULT_MAX_RETRIES) -> None:
@@ -386,36 +388,21 @@ class RetryTrial:
         user_attrs: dict[str, Any] = {"retry_of": trial.number}
         if BASELINE_ATTR in trial.user_attrs:
             user_attrs[BASELINE_ATTR] = trial.user_attrs[BASELINE_ATTR]
+        system_attrs: dict[str, Any] = {"failed_trial": history[0], RETRY_HISTORY: history}
+        if FIXED_PARAMS in trial.system_attrs:
+            # An enqueued trial (a baseline) that failed before its first suggest has no params yet: its
+            # values are only there. Without them its retry would be sampled, under the baseline's name.
+            system_attrs[FIXED_PARAMS] = trial.system_attrs[FIXED_PARAMS]
         retry = optuna.trial.create_trial(
             state=TrialState.WAITING,
             params=trial.params,
             distributions=trial.distributions,
             user_attrs=user_attrs,
-            system_attrs={"failed_trial": history[0], RETRY_HISTORY: history},
+            system_attrs=system_attrs,
         )
         retry._validate()  # what study.add_trial checks; the storage call below also gives the number
         trial_id = study._storage.create_new_trial(study._study_id, template_trial=retry)
         return study._storage.get_trial_number_from_id(trial_id)
-
-
-@contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM back while the block runs (a trial's failure being recorded, so that the
-    record is never half-written); one that came meanwhile is raised as KeyboardInterrupt at the end.
-    Only the main thread receives signals: elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if received:
-            raise KeyboardInterrupt
 
 
 def give_up(study: optuna.Study, trial: optuna.Trial, error: str, retry: RetryTrial) -> int | None:
@@ -425,7 +412,7 @@ def give_up(study: optuna.Study, trial: optuna.Trial, error: str, retry: RetryTr
     it queued the retry) or when the storage itself cannot be reached (the trial stays RUNNING and the
     heartbeat fails and retries it later). Interrupts wait until both writes are done.
     """
-    with deferred_interrupts():
+    with interrupts.deferred():
         try:
             trial.set_user_attr("error", error[:500])
             study.tell(trial, state=TrialState.FAIL)
@@ -596,8 +583,19 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     """
     from optuna.storages._heartbeat import get_heartbeat_thread
 
-    with get_heartbeat_thread(trial._trial_id, study._storage):
+    # Not Optuna's own `with`: an interrupt right after its thread starts would skip the join, and the
+    # non-daemon thread would then keep the process alive after the command ended.
+    beating = get_heartbeat_thread(trial._trial_id, study._storage)
+    started = False
+    try:
+        with interrupts.deferred():
+            beating.start()
+            started = True
         yield
+    finally:
+        if started:
+            with interrupts.deferred():
+                beating.join()
 
 
 def heartbeat_interval_of(study: optuna.Study) -> int | None:
@@ -664,7 +662,7 @@ def next_trial(
         trial = None
         try:
             # An interrupt waits for ask() to finish: a trial it creates is then known, and failed below.
-            with warnings.catch_warnings(), deferred_interrupts():
+            with warnings.catch_warnings(), interrupts.deferred():
                 # Optuna warns that heartbeats are meant for study.optimize; heartbeat() covers ask/tell.
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                 trial = study.ask()

@@ -293,3 +293,36 @@ def test_an_interrupted_trial_is_failed_and_queued_then_the_interrupt_goes_on(wo
     assert t0.state == TrialState.FAIL and t0.user_attrs["error"] == "interrupted (Ctrl-C or SIGTERM)"
     assert retry.state == TrialState.WAITING and retry.user_attrs[BASELINE_ATTR] == "zero"
     assert not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def test_a_study_interrupted_while_being_set_up_is_removed(world_spec: StudySpec, worker, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half set up (no fingerprint), it would stall every later worker for a minute and then refuse."""
+    storage = RDBStorage(f"sqlite:///{tmp_path / 'h.db'}")
+
+    def interrupted(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optuna.study.Study, "enqueue_trial", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_study(world_spec, storage, worker.space)
+    assert optuna.get_all_study_names(storage) == []
+    monkeypatch.undo()
+    assert ensure_study(world_spec, storage, worker.space)[1] is True
+
+
+def test_a_baseline_failed_before_it_ran_is_retried_with_its_own_values(world_spec: StudySpec, worker,
+                                                                        tmp_path: Path) -> None:
+    """An enqueued trial has no params until its first suggest: its retry must carry the enqueued values,
+    or it would be sampled under the baseline's name."""
+    from safesearch.storage import give_up
+
+    study, _ = ensure_study(world_spec, RDBStorage(f"sqlite:///{tmp_path / 'b.db'}"), worker.space)
+    study.ask()  # zero
+    lam = study.ask()  # lambda=0.5, interrupted before its first suggest
+    assert lam.params == {}
+    retry_number = give_up(study, lam, "interrupted before it ran", RetryTrial())
+    retry = study.ask()
+    assert retry.number == retry_number and retry.user_attrs[BASELINE_ATTR] == "lambda=0.5"
+    coefs = worker.space.suggest(retry)
+    assert set(coefs["safety"].values()) == {0.5} and set(coefs["medical"].values()) == {0.0}

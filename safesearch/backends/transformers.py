@@ -51,6 +51,34 @@ def _load_image(img: Image.Image | Path) -> Image.Image:
         return im.convert("RGB")
 
 
+def render_prompt(prompt: PromptLike, tokenizer: Any, processor: Any | None) -> str:
+    """``prompt`` through the chat template of ``processor`` (image-text models) or ``tokenizer``."""
+    p = as_prompt(prompt)
+    if p.messages:
+        messages: list[dict[str, Any]] = [{"role": r, "content": c} for r, c in p.messages]
+    elif processor is not None:  # image-text chat templates take a list of typed parts
+        parts: list[dict[str, Any]] = [{"type": "image"} for _ in p.images]
+        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": p.text}]}]
+    else:
+        messages = [{"role": "user", "content": p.text}]
+    templater = processor if processor is not None else tokenizer
+    if getattr(templater, "chat_template", None) is None:
+        if p.messages:
+            raise ValueError("a conversation prompt needs a model with a chat template")
+        return p.text
+    return templater.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _check_chat_template(path: Path, tokenizer: Any, processor: Any | None) -> None:
+    """A chat template that does not render is named before the model loads, not at the first prompt."""
+    import jinja2
+
+    try:
+        render_prompt("hello", tokenizer, processor)
+    except jinja2.TemplateError as e:
+        raise UserError(f"the chat template of the model at '{path}' does not render: {e}") from None
+
+
 class _StopWhenDecided(StoppingCriteria):
     """Per-row early stopping: a row is done once ``stop`` says its response so far settles the verdict."""
 
@@ -123,9 +151,11 @@ class TransformersBackend:
         try:
             if vision:
                 processor = AutoProcessor.from_pretrained(path)
+                _check_chat_template(path, processor.tokenizer, processor)
                 model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto")
                 return cls(model.to(device), processor=processor, batch_size=batch_size)
             tokenizer = AutoTokenizer.from_pretrained(path)
+            _check_chat_template(path, tokenizer, None)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
         except (OSError, ValueError, KeyError) as e:
             raise UserError(f"could not load the model at '{path}': {str(e).splitlines()[0]}") from None
@@ -146,19 +176,7 @@ class TransformersBackend:
         p = as_prompt(prompt)
         if p.images and not self.accepts_images:
             raise ValueError("this model takes no images")
-        if p.messages:
-            messages: list[dict[str, Any]] = [{"role": r, "content": c} for r, c in p.messages]
-        elif self.processor is not None:  # image-text chat templates take a list of typed parts
-            parts: list[dict[str, Any]] = [{"type": "image"} for _ in p.images]
-            messages = [{"role": "user", "content": [*parts, {"type": "text", "text": p.text}]}]
-        else:
-            messages = [{"role": "user", "content": p.text}]
-        templater = self.processor if self.processor is not None else self.tokenizer
-        if getattr(templater, "chat_template", None) is None:
-            if p.messages:
-                raise ValueError("a conversation prompt needs a model with a chat template")
-            return p.text
-        return templater.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_prompt(p, self.tokenizer, self.processor)
 
     def _token_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

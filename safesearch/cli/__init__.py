@@ -3,18 +3,17 @@
 ``main`` runs the group outside click's standalone mode so that every usage error and every
 :class:`~safesearch.errors.UserError` ends as one line on stderr and a non-zero exit (2), and an
 interrupt (Ctrl-C, or SIGTERM, which is handled like it) as one line and exit 130, whenever it comes,
-the imports of the command modules included. Every line printed on an error has its URLs' credentials
+the imports of the command modules included (see :mod:`safesearch.interrupts`). Every line printed on an error has its URLs' credentials
 masked, whatever raised it.
 """
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import click
 
-from safesearch import __version__
+from safesearch import __version__, interrupts
 from safesearch.errors import UserError
 from safesearch.redact import mask_secrets
 
@@ -52,25 +51,21 @@ def _register() -> None:
     _registered = True
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM (a scheduler's or `kill`'s stop) ends the command the way Ctrl-C does: trials told FAIL and
-    # queued again, temporary files removed, one line.
-    raise KeyboardInterrupt
-
-
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {mask_secrets(message)}", err=True)
     sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM (a scheduler's or `kill`'s stop) ends a command the way Ctrl-C does: the running trial told
+    # FAIL and queued again, temporary files removed, one line. The previous handlers come back at the
+    # end, for callers that run commands in their own process (tests).
+    previous = interrupts.install()
     try:
-        _register()
+        with interrupts.blocked():  # torch aborts the process on a signal during its native start-up
+            _register()
         cli.main(args=argv, prog_name="safesearch", standalone_mode=False)
+        interrupts.raise_if_requested()  # one that Python dropped on the way (see safesearch.interrupts)
     except UserError as e:
         _fail(e.message, e.exit_code)
     except click.exceptions.NoArgsIsHelpError as e:
@@ -84,3 +79,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", INTERRUPTED)
+    finally:
+        interrupts.restore(previous)

@@ -150,7 +150,9 @@ def create(spec_path: Path, storage_url: str | None) -> None:
 def _worker_seed(spec: StudySpec, created: bool) -> int:
     # The creator samples with the spec's seed (a single `run` is reproducible); other workers are
     # seeded apart so that parallel workers do not propose the same points.
-    return spec.seed if created else spec.seed + 1 + os.getpid() % 100_000
+    from safesearch.studyspec import MAX_SEED
+
+    return spec.seed if created else (spec.seed + 1 + os.getpid() % 100_000) % (MAX_SEED + 1)
 
 
 def _trial_line(outcome: Any, n_done: int, n_trials: int) -> str:
@@ -330,6 +332,8 @@ def run_study(spec: StudySpec, storage_url: str | None, device: str | None, arti
                 live.console.print(escape(_failure_line(f)), highlight=False, soft_wrap=True)
 
             w.work(study, spec.n_trials, on_trial=on_trial, on_failure=on_failure)
+        if not console.is_terminal:
+            console.line()  # off a terminal, Live's last render ends without a newline
     finally:
         w.close()
     rs = records(study)

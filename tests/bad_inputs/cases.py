@@ -177,6 +177,7 @@ graft_edit("checkpoint has two loose weight files", _two_loose_files, "loose")
 graft_edit("checkpoint config.json malformed", _bad_config("{oops"), "config.json")
 graft_edit("checkpoint config.json a list", _bad_config("[1, 2]"), "config.json")
 graft_edit("checkpoint config disagrees with its tensors", _wrong_shape, "shape")
+graft_edit("checkpoint config without architectures or sizes", _bad_config('{"model_type": "llama"}'), "badcfg")
 graft_edit("checkpoint of another architecture", _other_model, "aligned")
 graft_edit("prefix_map on the anchor", [(("checkpoints", "medical"), {"path": "x", "prefix_map": {"a": "b"}})], "prefix_map")
 graft_edit("prefix_map maps to a number", [(("checkpoints", "aligned"), {"path": "x", "prefix_map": {"a": 1}})], "prefix_map")
@@ -304,6 +305,10 @@ eval_model("weights truncated", _ckpt_with(_truncated), "model.safetensors")
 eval_model("weights garbage", _ckpt_with(_garbage_weights), "model.safetensors")
 eval_model("no weights", _ckpt_with(_no_weights), "noweights")
 eval_model("config disagrees with its tensors", _ckpt_with(_wrong_shape), "shape")
+# No architectures: transformers would build a 7B Llama from the defaults (28 GB) and run out of memory.
+eval_model("config without architectures or sizes", _ckpt_with(_bad_config('{"model_type": "llama"}')), "shape")
+eval_model("chat template does not render", lambda ws, d: write(
+    ws.copy_checkpoint("medical", d / "tmpl") / "chat_template.jinja", "{% for %}").parent, "chat template")
 
 
 def eval_suite(name: str, suite: Callable[[Any, Path], str], named: Any, model: str = "medical",
