@@ -329,7 +329,10 @@ def _meta_model(ckpt: Checkpoint) -> torch.nn.Module | None:
     try:
         config = transformers.AutoConfig.from_pretrained(str(ckpt.path), local_files_only=True)
     except (ValueError, KeyError, OSError) as e:
-        raise UserError(f"checkpoint {ckpt.label}: config.json cannot be read by transformers: {e}") from None
+        if not named:  # a model_type transformers does not know: the names as stored, as for custom code
+            return None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {ckpt.label}: config.json cannot be read by transformers: {reason}") from None
     with torch.device("meta"):
         if named:
             return cls._from_config(config)

@@ -250,7 +250,8 @@ def test_a_failing_trial_is_told_fail_and_queued_again_with_clean_attrs(world_sp
     assert t.state == TrialState.FAIL and t.user_attrs["error"] == "RuntimeError: device lost"
     assert failed.value.retry == retry.number and retry.state == TrialState.WAITING
     assert retry.params == t.params and retry.user_attrs == {"retry_of": t.number, BASELINE_ATTR: "zero"}
-    assert retry.system_attrs == {"failed_trial": t.number, "retry_history": [t.number]}
+    assert retry.system_attrs == {"failed_trial": t.number, "retry_history": [t.number],
+                                  "fixed_params": t.system_attrs["fixed_params"]}  # an enqueued baseline's values
 
 
 def test_a_worker_outlives_failing_trials_and_every_baseline_runs(world_spec: StudySpec, worker,
