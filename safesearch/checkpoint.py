@@ -133,6 +133,11 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def top_files(folder: Path) -> list[Path]:
+    """Every regular, not hidden, file at the top of ``folder``, sorted: a checkpoint's files."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 class Checkpoint:
     """A Hugging Face model directory opened lazily: headers at open, tensors on :meth:`load`.
 
@@ -227,7 +232,7 @@ class Checkpoint:
 
     def files(self) -> list[Path]:
         """Every regular file at the top of the directory (what an export's provenance hashes)."""
-        return sorted(p for p in self.path.iterdir() if p.is_file() and not p.name.startswith("."))
+        return top_files(self.path)
 
     def sha256(self) -> dict[str, str]:
         """sha256 of every file of the directory, by file name."""

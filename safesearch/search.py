@@ -391,16 +391,9 @@ def ensure_study(
 def check_joinable(study: optuna.Study, spec: StudySpec) -> None:
     """Refuse to work on an existing study with ``spec`` when its directions or (once set up) its
     fingerprint differ: the trials would not be comparable."""
-    from safesearch.storage import direction_names, mask_url, rdb_of
+    from safesearch.storage import check_directions
 
-    wanted = [optuna.study.StudyDirection[d.upper()] for d in spec.directions]
-    if list(study.directions) != wanted:
-        rdb = rdb_of(study)
-        where = f" in storage {mask_url(rdb.url)}" if rdb is not None else ""
-        raise UserError(
-            f"study {spec.name!r}{where} exists with directions {direction_names(study.directions)}, "
-            f"not {direction_names(wanted)}; choose another study name"
-        )
+    check_directions(study, spec.directions)
     found = study.user_attrs.get(FINGERPRINT_ATTR)
     if found is not None and found != spec.fingerprint():
         raise UserError(
@@ -416,12 +409,11 @@ def _used_checkpoints(spec: StudySpec) -> list[str]:
 
 def checkpoint_files(spec: StudySpec) -> dict[str, dict[str, list[Any]]]:
     """Size, modification time and sha256 of every file of the checkpoints the spec grafts."""
-    from safesearch.checkpoint import sha256_file
+    from safesearch.checkpoint import sha256_file, top_files
 
     out: dict[str, dict[str, list[Any]]] = {}
     for name in _used_checkpoints(spec):
-        folder = spec.graft.checkpoints[name].path
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        files = top_files(spec.graft.checkpoints[name].path)
         out[name] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns, sha256_file(p)] for p in files}
     return out
 

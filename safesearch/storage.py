@@ -458,12 +458,20 @@ def open_study(
             study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
         except KeyError:
             raise UserError(f"study {study_name!r}: not found in storage {mask_url(storage.url)}") from None
-    if list(study.directions) != wanted:
-        raise UserError(
-            f"study {study_name!r} in storage {mask_url(storage.url)} exists with directions "
-            f"{direction_names(study.directions)}, not {direction_names(wanted)}; choose another study name"
-        )
+    check_directions(study, wanted)
     return study
+
+
+def check_directions(study: optuna.Study, directions: Sequence[str | StudyDirection]) -> None:
+    """Refuse a study whose directions are not ``directions`` (one line naming study and storage)."""
+    wanted = [d if isinstance(d, StudyDirection) else StudyDirection[str(d).upper()] for d in directions]
+    if list(study.directions) != wanted:
+        rdb = rdb_of(study)
+        where = f" in storage {mask_url(rdb.url)}" if rdb is not None else ""
+        raise UserError(
+            f"study {study.study_name!r}{where} exists with directions {direction_names(study.directions)}, "
+            f"not {direction_names(wanted)}; choose another study name"
+        )
 
 
 def load_study(storage: RDBStorage | str | None, study_name: str,
@@ -484,20 +492,22 @@ def direction_names(directions: Sequence[StudyDirection]) -> str:
     return "[" + ", ".join(d.name.lower() for d in directions) + "]"
 
 
-def artifact_store_for(url: str | None = None, path: str | os.PathLike[str] | None = None, *,
-                       create: bool = True) -> FileSystemArtifactStore:
-    """The artifact store of the storage at ``url``: ``path`` if given, else ``$SAFESEARCH_ARTIFACTS``,
-    else ``<db dir>/artifacts`` next to a SQLite file, else ``storage/artifacts`` (cwd-relative).
-
-    With workers on several machines, give every worker (and the dashboard) the same shared path.
-    ``create=False`` (readers: the dashboard) makes no directory; a missing one reads as empty.
-    """
+def artifact_root(url: str | None = None, path: str | os.PathLike[str] | None = None) -> Path:
+    """Where the artifact store of the storage at ``url`` lives: ``path`` if given, else
+    ``$SAFESEARCH_ARTIFACTS``, else ``<db dir>/artifacts`` next to a SQLite file, else ``storage/artifacts``
+    (cwd-relative). With workers on several machines, give every worker (and the dashboard) one shared path."""
     chosen = path or os.environ.get(ARTIFACTS_ENV)
     if chosen:
-        root = Path(chosen)
-    else:
-        db = sqlite_path(url) if is_sqlite(resolve_url(url)) else None
-        root = db.parent / "artifacts" if db is not None else Path("storage") / "artifacts"
+        return Path(chosen)
+    db = sqlite_path(url) if is_sqlite(resolve_url(url)) else None
+    return db.parent / "artifacts" if db is not None else Path("storage") / "artifacts"
+
+
+def artifact_store_for(url: str | None = None, path: str | os.PathLike[str] | None = None, *,
+                       create: bool = True) -> FileSystemArtifactStore:
+    """The artifact store at :func:`artifact_root`, its directory made if missing; ``create=False``
+    (readers: the dashboard) makes none, and a missing one reads as empty."""
+    root = artifact_root(url, path)
     if root.exists() and not root.is_dir():
         raise UserError(f"artifact store {root}: is a file, not a directory")
     if not create and not root.exists():

@@ -17,7 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import click
 
 from safesearch.errors import UserError
-from safesearch.storage import artifact_store_for, mask_url, open_storage, resolve_url
+from safesearch.storage import artifact_root, artifact_store_for, mask_url, open_storage, resolve_url
 
 HOST = "127.0.0.1"
 
@@ -65,10 +65,9 @@ def dashboard(storage_url: str | None, port: int, artifacts: Path | None) -> Non
     url = resolve_url(storage_url)
     server = make_dashboard_server(url, port, artifacts)
     bound = server.server_address[1]
-    store = artifact_store_for(url, artifacts, create=False)
     # Flushed at once: a caller (or a test) waits for this line to know the port.
     print(f"optuna-dashboard on http://{HOST}:{bound}/dashboard  (storage {mask_url(url)}, "
-          f"artifacts {store._base_path}); Ctrl-C to stop", file=sys.stderr, flush=True)
+          f"artifacts {artifact_root(url, artifacts)}); Ctrl-C to stop", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -84,7 +84,7 @@ def _check_before_loading(spec: StudySpec, storage_url: str | None, device: str 
     from safesearch.devices import check_device
     from safesearch.outputs import check_output_dir_writable
     from safesearch.search import check_joinable, spec_where
-    from safesearch.storage import artifact_store_for, load_study, probe_storage
+    from safesearch.storage import artifact_root, load_study, probe_storage
 
     check_device(device, "--device")
     check_device(spec.device, f"{spec_where(spec)}: device")
@@ -97,8 +97,7 @@ def _check_before_loading(spec: StudySpec, storage_url: str | None, device: str 
             existing = None
         if existing is not None:
             check_joinable(existing, spec)
-    check_output_dir_writable(Path(artifact_store_for(storage_url, artifacts, create=False)._base_path),
-                              "--artifacts")
+    check_output_dir_writable(artifact_root(storage_url, artifacts), "--artifacts")
     return existing
 
 
@@ -542,7 +541,7 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
     from safesearch.merging import Merger
     from safesearch.outputs import check_output_dir
     from safesearch.search import FINGERPRINT_ATTR
-    from safesearch.storage import artifact_store_for, mask_url, sqlite_path
+    from safesearch.storage import artifact_root, mask_url, sqlite_path
 
     if (trial is None) == (pick_how is None):
         raise UserError("export: give either --trial N or --pick " + "|".join(PICKS))
@@ -552,7 +551,7 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
     check_output_dir(out, "--out", overwrite=overwrite,
                      checkpoints=[(c.name, c.path) for c in spec.graft.checkpoints.values()],
                      inputs=[("the study database", db)] * (db is not None)
-                     + [("the artifact store", Path(artifact_store_for(storage.url, create=False)._base_path))])
+                     + [("the artifact store", artifact_root(storage.url))])
     directions = _directions(spec)
     if pick_how is not None:
         number = pick(_completed(study, study_name), directions, pick_how).number
