@@ -52,6 +52,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
     storage_dir = tmp / "storage"
     storage_dir.mkdir()
+    # demo_spec reads the world at <storage>/toyworld; the database and artifacts stay in this scratch folder.
     (storage_dir / "toyworld").symlink_to(world.resolve(), target_is_directory=True)
     spec = demo_spec(storage_dir, 0)
     name = f"bench-{uuid.uuid4().hex[:8]}"

@@ -52,9 +52,7 @@ def toy_spec(world: Path):
 
 
 def tasks_for(world: Path, scratch: Path, items: int, mcq: int) -> list:
-    root = scratch / "root"
-    (root / "storage").mkdir(parents=True)
-    (root / "storage" / "toyworld").symlink_to(world.resolve())
+    root = world.resolve()  # the toy suites' paths (data/{split}/...) are relative to the world
     out = []
     for name in SUITES:
         suite = load_suite(name, [ROOT / "objectives"])

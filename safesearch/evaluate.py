@@ -29,6 +29,7 @@ from safesearch.judges import (
 )
 from safesearch.prompts import mcq_answer_text, mcq_user_text
 from safesearch.scorers import parse_choice, pick_options, rate, vqa_closed_correct
+from safesearch.splits import in_split
 from safesearch.suites import METRIC_KINDS, JudgeSpec, SubsetSpec, Suite
 
 Progress = Callable[[int], None]
@@ -89,11 +90,21 @@ def select(items: Sequence[Item], subset: SubsetSpec, limit: int | None = None) 
 
 
 def load_items(
-    suite: Suite, data_root: Path, *, limit: int | None = None, seed: int | None = None
+    suite: Suite,
+    data_root: Path,
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    seed: int | None = None,
 ) -> list[Item]:
-    """The suite's items: read, filtered, checked against the metric, subset."""
+    """The items of ``split`` (default: the suite's ``dataset.split``): read, filtered, checked against
+    the metric, split by the suite's rule, subset. The subset is drawn within the split, so that a
+    search and a holdout never share an item whatever their subsets."""
     ds = suite.dataset
-    items = read_dataset(ds.format, ds.resolved_path(data_root), ds.options)
+    split = ds.split if split is None else split
+    suite.check_split(split)
+    path = ds.resolved_path(data_root, suite.splits.published(split))
+    items = read_dataset(ds.format, path, ds.options)
     for key, accepted in ds.filter.items():
         items = [it for it in items if str(getattr(it, key)) in accepted]
     want = METRIC_KINDS[suite.metric]
@@ -104,8 +115,11 @@ def load_items(
                 f"{want} items (add dataset.filter.kind: {want})"
             )
     if not items:
+        raise UserError(f"suite '{suite.name}': no items left in '{path}' after the filters")
+    items = in_split(items, suite.splits, split)
+    if not items:
         raise UserError(
-            f"suite '{suite.name}': no items left in '{ds.resolved_path(data_root)}' after the filters"
+            f"suite '{suite.name}': no items of '{path}' fall in split '{split}' ({suite.splits.describe()})"
         )
     subset = suite.subset if seed is None else replace(suite.subset, seed=seed)
     return select(items, subset, limit)
@@ -153,14 +167,47 @@ def work_units(suite: Suite, items: Sequence[Item]) -> int:
     return len(items)
 
 
-def _prompts(suite: Suite, items: Sequence[Item], figstep_cache: Path) -> list[str | Prompt]:
+def image_cache_dir(data_root: Path) -> Path:
+    """Where attack images rendered locally (FigStep's, MM-SafetyBench's TYPO) are cached: under the data
+    root, beside the data they are made from, whatever the current directory."""
+    return data_root / "storage" / "cache" / "attack-images"
+
+
+def _prompts(suite: Suite, items: Sequence[Item], image_cache: Path) -> list[str | Prompt]:
+    """What the model is asked. FigStep types the item's instruction (SafeBench's "Steps to ...") where
+    the reader has one and the request itself otherwise, as FigStep does; qr shows the data set's
+    query-relevant image (or the key phrase typed) with its rephrased question."""
     if suite.attack == "figstep":
         style = FigStepStyle(
             size=suite.figstep.size, font_size=suite.figstep.font_size, font=suite.figstep.font
         )
         text = suite.figstep.prompt or FIGSTEP_PROMPT
-        return [Prompt(text, images=(cached_image(it.text, figstep_cache, style),)) for it in items]
+        return [
+            Prompt(text, images=(cached_image(it.instruction or it.text, image_cache, style),)) for it in items
+        ]
+    if suite.attack == "qr":
+        from safesearch.typography import qr_prompt_parts
+
+        prompts: list[str | Prompt] = []
+        for it in items:
+            if it.qr is None:
+                raise UserError(f"suite '{suite.name}': item '{it.id}' has no query-relevant image (attack qr)")
+            question, image = qr_prompt_parts(it, image_cache)
+            prompts.append(Prompt(question, images=(image,)))
+        return prompts
     return [Prompt(it.text, images=(it.image,)) if it.image is not None else it.text for it in items]
+
+
+def attack_notes(suite: Suite, items: Sequence[Item]) -> list[str]:
+    """What a user should know about how the suite's attack is delivered (printed, never silent)."""
+    if suite.attack == "qr":
+        rendered = sum(1 for it in items if it.qr is not None and it.qr.image is None)
+        if rendered:
+            return [
+                f"suite '{suite.name}': {rendered} of {len(items)} items have no MM-SafetyBench image here: "
+                "their TYPO image (the key phrase typed) is rendered locally, asked with the TYPO question"
+            ]
+    return []
 
 
 def evaluate(
@@ -169,11 +216,12 @@ def evaluate(
     items: Sequence[Item],
     *,
     judge: Judge | None = None,
-    figstep_cache: Path = Path("storage/cache/figstep"),
+    image_cache: Path | None = None,
     progress: Progress | None = None,
 ) -> SuiteResult:
-    """Score ``items`` of ``suite`` on ``backend``; ``judge`` defaults to the suite's (built here)."""
-    needs_images = suite.attack == "figstep" or any(it.image is not None for it in items)
+    """Score ``items`` of ``suite`` on ``backend``; ``judge`` defaults to the suite's (built here).
+    ``image_cache`` (see :func:`image_cache_dir`) is needed by attacks that render images."""
+    needs_images = suite.attack != "direct" or any(it.image is not None for it in items)
     if needs_images and not backend.accepts_images:
         raise UserError(f"suite '{suite.name}' shows images, but the model takes text only")
     if suite.metric == "mcq_loglik":
@@ -184,7 +232,9 @@ def evaluate(
         outcomes, metrics = _vqa_closed(backend, suite, items, progress)
     else:
         judge = judge or build_judge(suite.judge)
-        outcomes, metrics = _judged(backend, suite, items, judge, figstep_cache, progress)
+        if suite.attack != "direct" and image_cache is None:
+            raise ValueError(f"suite '{suite.name}' renders attack images: evaluate() needs image_cache")
+        outcomes, metrics = _judged(backend, suite, items, judge, image_cache or Path("."), progress)
     return SuiteResult(suite.name, suite.dimension, suite.metric, metrics, tuple(outcomes))
 
 
@@ -193,11 +243,11 @@ def _judged(
     suite: Suite,
     items: Sequence[Item],
     judge: Judge,
-    figstep_cache: Path,
+    image_cache: Path,
     progress: Progress | None,
 ) -> tuple[list[ItemOutcome], dict[str, float | int | None]]:
     stop = judge.decided if suite.generation.early_stop and judge.stops_early else None
-    prompts = _prompts(suite, items, figstep_cache)
+    prompts = _prompts(suite, items, image_cache)
     responses = backend.generate(prompts, suite.generation.max_new_tokens, stop=stop, on_batch=progress)
     judgements = judge.judge([Exchange(it.text, r) for it, r in zip(items, responses, strict=True)])
     outcomes = [

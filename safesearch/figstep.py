@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -136,12 +137,17 @@ def image_key(request: str, style: FigStepStyle) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def cached_image(request: str, cache_dir: Path, style: FigStepStyle = FigStepStyle()) -> Path:
-    """The path of the request's FigStep PNG under ``cache_dir``, rendered on first use."""
-    path = Path(cache_dir) / f"{image_key(request, style)}.png"
+def cached_png(cache_dir: Path, key: str, draw: Callable[[], Image.Image]) -> Path:
+    """``<cache_dir>/<key>.png``, drawn by ``draw`` on first use (``key`` a content hash of what is drawn)."""
+    path = Path(cache_dir) / f"{key}.png"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        render(request, style).save(tmp, format="PNG")
+        draw().save(tmp, format="PNG")
         os.replace(tmp, path)  # atomic: parallel trials never read a half-written file
     return path
+
+
+def cached_image(request: str, cache_dir: Path, style: FigStepStyle = FigStepStyle()) -> Path:
+    """The path of the request's FigStep PNG under ``cache_dir``, rendered on first use."""
+    return cached_png(cache_dir, image_key(request, style), lambda: render(request, style))

@@ -18,7 +18,9 @@ Optuna's values are the objectives in the spec's order, or, for ``cmaes-weighted
 The study keeps its spec (user attr ``spec``, paths absolute) and a fingerprint of its search space; a
 worker with a different spec is refused, and ``validate``/``export`` need nothing but the study's name.
 Holdout scores (``safesearch validate``) are study user attrs ``holdout.trial.<N>`` (a finished trial
-takes no more attrs) and ``holdout.checkpoint.<name>`` for the graft's checkpoints.
+takes no more attrs) and ``holdout.checkpoint.<name>`` for the graft's checkpoints. The items each split
+scored are ``items.search`` (set at creation; a worker reading other items is refused) and
+``items.holdout`` (set by ``validate``, which first proves the two share no item): n and a digest of the ids.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ from safesearch import interrupts
 from safesearch.backends.base import Backend
 from safesearch.datasets import Item
 from safesearch.errors import UserError
-from safesearch.evaluate import SuiteResult, build_judge, evaluate, load_items
+from safesearch.evaluate import SuiteResult, build_judge, evaluate, image_cache_dir, load_items
 from safesearch.judges import Judge
 from safesearch.merging import Coefficients
+from safesearch.splits import ids_digest
 from safesearch.storage import BASELINE_ATTR, RetryTrial, give_up
 from safesearch.studyspec import (
     Constraint,
@@ -64,6 +67,9 @@ FINGERPRINT_ATTR = "fingerprint"
 CHECKPOINT_FILES_ATTR = "checkpoint_files"
 HOLDOUT_TRIAL = "holdout.trial."
 HOLDOUT_CHECKPOINT = "holdout.checkpoint."
+# What each split scored: task key -> {suite, split, n, ids_sha256} (see items_record).
+SEARCH_ITEMS_ATTR = "items.search"
+HOLDOUT_ITEMS_ATTR = "items.holdout"
 # How long a joining worker waits for the study's creator to finish setting it up (spec, baselines).
 SETUP_WAIT_S = 60.0
 
@@ -199,16 +205,24 @@ class Task:
     suite: Any  # safesearch.suites.Suite with the split and subset applied
     items: list[Item]
     judge: Judge | None
+    image_cache: Path | None = None  # where its attack images are rendered (the data root's cache)
+
+    @property
+    def ids_digest(self) -> str:
+        return ids_digest(it.id for it in self.items)
 
 
 def task_key(ref: SuiteRef) -> str:
     return f"{ref.name}@{ref.split}" + (f"[{ref.subset}]" if ref.subset is not None else "")
 
 
-def prepare_tasks(refs: Sequence[SuiteRef], data_root: Path, *, device: str = "cpu") -> dict[str, Task]:
-    """Read every suite's items once (deduplicated by suite, split and subset) and build its judge."""
+def prepare_tasks(
+    refs: Sequence[SuiteRef], data_root: Path, *, device: str = "cpu", judges: bool = True
+) -> dict[str, Task]:
+    """Read every suite's items once (deduplicated by suite, split and subset) and build its judge
+    (``judges=False``: the items alone, e.g. to compare splits)."""
     tasks: dict[str, Task] = {}
-    judges: dict[Any, Judge] = {}
+    built: dict[Any, Judge] = {}
     for ref in refs:
         key = task_key(ref)
         if key in tasks:
@@ -219,18 +233,69 @@ def prepare_tasks(refs: Sequence[SuiteRef], data_root: Path, *, device: str = "c
             dataset=replace(suite.dataset, split=ref.split),
             subset=replace(suite.subset, size=ref.subset),
         )
-        items = load_items(suite, data_root)
+        items = load_items(suite, data_root, split=ref.split)
         judge = None
-        if suite.uses_judge:
-            if suite.judge not in judges:
-                judges[suite.judge] = build_judge(suite.judge, data_root=data_root, device=device)
-            judge = judges[suite.judge]
-        tasks[key] = Task(key, suite, items, judge)
+        if suite.uses_judge and judges:
+            if suite.judge not in built:
+                built[suite.judge] = build_judge(suite.judge, data_root=data_root, device=device)
+            judge = built[suite.judge]
+        tasks[key] = Task(key, suite, items, judge, image_cache_dir(data_root))
     return tasks
 
 
+def items_record(tasks: Mapping[str, Task]) -> dict[str, dict[str, Any]]:
+    """What each task scores, as a study keeps it: the suite, the split, n and the ids' digest."""
+    return {
+        key: {"suite": t.suite.name, "split": t.suite.dataset.split, "n": len(t.items), "ids_sha256": t.ids_digest}
+        for key, t in tasks.items()
+    }
+
+
+def search_items(spec: StudySpec) -> dict[str, dict[str, Any]]:
+    """:func:`items_record` of the spec's search split, read from this machine's data."""
+    return items_record(prepare_tasks(search_refs(spec), spec.data_root, judges=False))
+
+
+def check_same_items(recorded: Mapping[str, Any], found: Mapping[str, Any], why: str) -> None:
+    """Refuse when the items read here are not those a study recorded (a changed data file, another
+    split rule, another copy of a benchmark on this machine): ``why`` says what would go wrong."""
+    for key, rec in recorded.items():
+        now = found.get(key)
+        if now is not None and now["ids_sha256"] != rec["ids_sha256"]:
+            raise UserError(
+                f"suite '{rec['suite']}' (split {rec['split']}): the items read here ({now['n']}) are not the "
+                f"{rec['n']} the study searched (another data file or split rule); {why}"
+            )
+
+
+def check_disjoint(search: Mapping[str, Task], holdout: Mapping[str, Task]) -> list[str]:
+    """One line per suite with its n per split; a UserError naming the suite when its holdout items
+    share an id with its search items (the holdout would re-score what the search optimised on)."""
+    lines = []
+    for name in dict.fromkeys(t.suite.name for t in holdout.values()):
+        searched = [t for t in search.values() if t.suite.name == name]
+        held = [t for t in holdout.values() if t.suite.name == name]
+        s_ids = {it.id for t in searched for it in t.items}
+        h_ids = {it.id for t in held for it in t.items}
+        shared = s_ids & h_ids
+        s_split = ", ".join(dict.fromkeys(t.suite.dataset.split for t in searched)) or "-"
+        h_split = ", ".join(dict.fromkeys(t.suite.dataset.split for t in held))
+        if shared:
+            raise UserError(
+                f"suite '{name}': its holdout split ({h_split}) shares {len(shared)} of its {len(h_ids)} items "
+                f"with the search split ({s_split}), e.g. '{min(shared)}': validation would re-score searched "
+                f"items ({held[0].suite.splits.describe()})"
+            )
+        lines.append(f"suite {name}: search {len(s_ids)} items ({s_split}), holdout {len(h_ids)} items "
+                     f"({h_split}), none shared; {held[0].suite.splits.describe()}")
+    return lines
+
+
 def run_tasks(backend: Backend, tasks: Mapping[str, Task]) -> dict[str, SuiteResult]:
-    return {key: evaluate(backend, t.suite, t.items, judge=t.judge) for key, t in tasks.items()}
+    return {
+        key: evaluate(backend, t.suite, t.items, judge=t.judge, image_cache=t.image_cache)
+        for key, t in tasks.items()
+    }
 
 
 def pooled(x: Objective | Constraint, results: Mapping[str, SuiteResult], holdout: bool = False) -> float:
@@ -364,6 +429,7 @@ def ensure_study(
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
             study.set_user_attr("objectives", {o.name: o.direction for o in spec.objectives})
             study.set_user_attr("sampler", spec.sampler.name)
+            study.set_user_attr(SEARCH_ITEMS_ATTR, search_items(spec))
             for label, params in space.baseline_params(spec):
                 study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label})
             study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())  # the study is ready for joiners
@@ -400,6 +466,10 @@ def check_joinable(study: optuna.Study, spec: StudySpec) -> None:
             f"study {spec.name!r} exists with another spec (search space, objectives or sampler differ); "
             "choose another study name or use the spec it was created with"
         )
+    recorded = study.user_attrs.get(SEARCH_ITEMS_ATTR)
+    if recorded is not None:
+        check_same_items(recorded, search_items(spec),
+                         f"the trials of study {spec.name!r} would not be comparable: use the same data")
 
 
 def _used_checkpoints(spec: StudySpec) -> list[str]:

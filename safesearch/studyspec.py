@@ -465,10 +465,22 @@ def _scored(raw: Any, section: str, where: str, suite_dirs: list[Path] | None) -
     metric = f.get("metric", str, available[0])
     if metric not in available:
         raise f.fail("metric", f"unknown metric {metric!r} for {suites[0].metric} suites (known: {', '.join(available)})")
-    split = f.get("split", (str, int), "search")
+    split = str(f.get("split", (str, int), "search"))
     subset = _positive(f, "subset")
-    hsplit = f.get("holdout_split", (str, int), "holdout")
+    hsplit = str(f.get("holdout_split", (str, int), "holdout"))
     hsubset = _positive(f, "holdout_subset")
+    for key, value in (("split", split), ("holdout_split", hsplit)):
+        if not value.strip():
+            raise f.fail(key, "should name a split")
+        for s in suites:
+            try:
+                s.check_split(value)
+            except UserError as e:
+                raise f.fail(key, e.message) from None
+    for s in suites:
+        if s.splits.published(split) == s.splits.published(hsplit):
+            raise f.fail("holdout_split", f"suite '{s.name}': the holdout split is the search split "
+                         f"('{s.splits.published(split)}'): validation would re-score the searched items")
     return f, {
         "name": name,
         "metric": metric,

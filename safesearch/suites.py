@@ -3,7 +3,8 @@ judge and the metric. The YAML is validated once, here, into plain frozen datacl
 a one-line error naming the file and the field.
 
 Relative dataset paths are resolved against the data root (``--data-root``, else ``$SAFESEARCH_DATA_ROOT``,
-else the current directory); ``{split}`` in a path is replaced by the suite's split.
+else the current directory); ``{split}`` in a path is replaced by the published name of the split scored.
+How a suite's items fall into the search and holdout splits is its :class:`~safesearch.splits.SplitRule`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from safesearch.datasets import FORMATS, reader_options
 from safesearch.errors import UserError
 from safesearch.judges.base import RULE_PRESETS, Rule, Verdict
+from safesearch.splits import ALL, SplitRule, check_split, parse_names, parse_partition
 from safesearch.textfiles import read_yaml
 
 METRICS = ("safety", "over_refusal", "mcq_loglik", "mcq_generate", "vqa_closed")
@@ -34,7 +36,7 @@ METRIC_KINDS = {
     "mcq_generate": "mcq",
     "vqa_closed": "vqa",
 }
-ATTACKS = ("direct", "figstep")
+ATTACKS = ("direct", "figstep", "qr")
 JUDGES = ("keyword", "guard", "http")
 # "the first 32 new tokens decide a refusal"; judges that read the whole answer need more of it.
 DEFAULT_MAX_NEW_TOKENS = {"keyword": 32, "guard": 256, "http": 256}
@@ -44,12 +46,14 @@ DEFAULT_MAX_NEW_TOKENS = {"keyword": 32, "guard": 256, "http": 256}
 class DatasetSpec:
     format: str
     path: str
-    split: str = ""
+    split: str = ""  # the split scored when none is named ("": every item, where the rule allows)
     options: dict[str, Any] = field(default_factory=dict)
     filter: dict[str, tuple[str, ...]] = field(default_factory=dict)  # item field -> accepted values
 
-    def resolved_path(self, data_root: Path) -> Path:
-        path = Path(self.path.replace("{split}", self.split)).expanduser()
+    def resolved_path(self, data_root: Path, published_split: str | None = None) -> Path:
+        """The file (or folder) read, ``{split}`` replaced by ``published_split`` (default: ``split``)."""
+        split = self.split if published_split is None else published_split
+        path = Path(self.path.replace("{split}", split)).expanduser()
         return path if path.is_absolute() else data_root / path
 
 
@@ -105,11 +109,19 @@ class Suite:
     judge: JudgeSpec = JudgeSpec()
     generation: GenerationSpec = GenerationSpec()
     figstep: FigStepSpec = FigStepSpec()
+    splits: SplitRule = SplitRule()
     source: Path | None = field(default=None, compare=False)
 
     @property
     def dimension(self) -> str:
         return DIMENSIONS[self.metric]
+
+    def check_split(self, split: str, where: str = "") -> None:
+        """Refuse a split this suite cannot form; ``where`` (a spec field, a flag) prefixes the message."""
+        here = f"{where}: suite '{self.name}'" if where else f"suite '{self.name}'"
+        if self.splits.by == "path" and split == ALL:
+            raise UserError(f"{here}: the dataset has a file per split ({self.dataset.path}): name a split")
+        check_split(self.splits, split, here)
 
     @property
     def uses_judge(self) -> bool:
@@ -119,9 +131,17 @@ class Suite:
 # -- loading ------------------------------------------------------------------------------------------
 
 
-def default_suite_dirs() -> list[Path]:
-    """Where suite names are looked up: ./objectives, then the objectives/ beside the package."""
-    dirs = [Path.cwd() / "objectives", Path(__file__).resolve().parent.parent / "objectives"]
+def packaged_suites_dir() -> Path:
+    """The example suites installed with the package (``safesearch.objectives``: objectives/ of the source)."""
+    import safesearch.objectives
+
+    return Path(safesearch.objectives.__file__).resolve().parent
+
+
+def default_suite_dirs(first: Path | None = None) -> list[Path]:
+    """Where suite names are looked up, in order: ``first`` (``--suites-dir``), ./objectives, then the
+    example suites installed with the package, so that a name resolves from any directory."""
+    dirs = [*([first] if first is not None else []), Path.cwd() / "objectives", packaged_suites_dir()]
     return list(dict.fromkeys(d.resolve() for d in dirs))
 
 
@@ -306,9 +326,13 @@ def parse_suite(raw: Any, *, source: Path | None = None, default_name: str = "su
     subset = SubsetSpec(size=sub.positive("size", None), seed=sub.get("seed", int, 0))
     sub.done()
 
+    splits = _split_rule(top, dataset)
+
     attack = top.choice("attack", ATTACKS, "direct")
-    if attack == "figstep" and metric not in ("safety", "over_refusal"):
-        raise top.fail("attack", f"figstep disguises requests; metric '{metric}' takes direct questions only")
+    if attack != "direct" and metric not in ("safety", "over_refusal"):
+        raise top.fail("attack", f"{attack} disguises requests; metric '{metric}' takes direct questions only")
+    if attack == "qr" and fmt != "mmsafetybench":
+        raise top.fail("attack", "qr shows MM-SafetyBench's query-relevant images: it needs dataset.format mmsafetybench")
 
     judge = _judge(top.section_of("judge"))
     if metric == "over_refusal" and not {Verdict.REFUSAL, Verdict.COMPLIANCE} <= judge.labels:
@@ -349,8 +373,32 @@ def parse_suite(raw: Any, *, source: Path | None = None, default_name: str = "su
         judge=judge,
         generation=generation,
         figstep=figstep,
+        splits=splits,
         source=source,
     )
+
+
+def _split_rule(top: _Fields, dataset: DatasetSpec) -> SplitRule:
+    """The suite's split rule: ``{split}`` in the path, ``splits:`` (published names), or ``partition:``
+    (the default where the file has no split of its own)."""
+    where = f"{top.where}: "
+    has_partition, has_names = "partition" in top.raw, "splits" in top.raw
+    if has_partition and has_names:
+        raise top.fail("partition", "give partition: or splits:, not both (a suite has one split rule)")
+    by_path = "{split}" in dataset.path
+    if has_partition:
+        if by_path:
+            raise top.fail("partition", "dataset.path already splits by {split}; a partition would split it again")
+        rule = SplitRule("partition", partition=parse_partition(top.raw.pop("partition"), where + "partition"))
+    elif has_names:
+        raw = top.raw.pop("splits")
+        names = () if raw == "published" else parse_names(raw, where + "splits")
+        rule = SplitRule("path" if by_path else "field", names=names)
+    else:
+        rule = SplitRule("path") if by_path else SplitRule("partition")
+    if dataset.split:
+        check_split(rule, dataset.split, where + "dataset.split")
+    return rule
 
 
 def suite_fields() -> list[str]:

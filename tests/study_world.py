@@ -20,13 +20,8 @@ GRAFT: dict[str, Any] = {
 
 
 def data_root(tmp_path: Path, world: Path) -> Path:
-    """A directory whose storage/toyworld is ``world``: the toy suites read storage/toyworld/data/..."""
-    root = tmp_path / "root"
-    (root / "storage").mkdir(parents=True, exist_ok=True)
-    link = root / "storage" / "toyworld"
-    if not link.exists():
-        link.symlink_to(world.resolve(), target_is_directory=True)
-    return root
+    """The data root of the toy suites (their paths are data/{split}/... inside a toy world): the world."""
+    return world.resolve()
 
 
 def spec_dict(tmp_path: Path, world: Path, *, subset: int = 12, n_trials: int = 4, **overrides: Any) -> dict[str, Any]:

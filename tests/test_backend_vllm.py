@@ -48,12 +48,9 @@ def spec(toyworld_small: Path) -> GraftSpec:
 
 
 @pytest.fixture(scope="module")
-def data_root(toyworld_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data root where the suites' ``storage/toyworld/data/...`` paths find the small toy world."""
-    root = tmp_path_factory.mktemp("root")
-    (root / "storage").mkdir()
-    (root / "storage" / "toyworld").symlink_to(toyworld_small)
-    return root
+def data_root(toyworld_small: Path) -> Path:
+    """The toy suites' data root: the toy world itself (their paths are ``data/{split}/...``)."""
+    return toyworld_small
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +107,8 @@ def test_outcomes_equal_the_transformers_backend(vgraft, tgraft, tasks) -> None:
 
 
 def _probe(backend, data_root: Path) -> tuple[list[str], list[tuple[float, int]]]:
-    harmful = [json.loads(line)["text"] for line in (data_root / "storage/toyworld/data/search/harmful_medical.jsonl").open()][:12]
-    mcq = [json.loads(line) for line in (data_root / "storage/toyworld/data/search/mcq_medical.jsonl").open()][:4]
+    harmful = [json.loads(line)["text"] for line in (data_root / "data/search/harmful_medical.jsonl").open()][:12]
+    mcq = [json.loads(line) for line in (data_root / "data/search/mcq_medical.jsonl").open()][:4]
     requests = [(mcq_user_text(r["text"], r["options"]), mcq_answer_text(r["options"], i)) for r in mcq for i in range(len(r["options"]))]
     return backend.generate(harmful, 16), backend.loglikelihood(requests)
 
@@ -177,7 +174,7 @@ def test_early_stopping_cuts_where_per_token_stopping_would(vgraft, data_root: P
     prompts = [
         json.loads(line)["text"]
         for name in ("harmful_general", "harmful_medical", "benign")
-        for line in list((data_root / f"storage/toyworld/data/search/{name}.jsonl").open())[:8]
+        for line in list((data_root / f"data/search/{name}.jsonl").open())[:8]
     ]
     full = vgraft.backend.generate(prompts, 24)
     early = vgraft.backend.generate(prompts, 24, stop=judge.decided)

@@ -214,7 +214,7 @@ def test_judge_failing_every_third_trial_is_retried_to_exactly_n_trials(
         "name": "chaos-http-harmful",
         "description": "Toy world, general harmful requests, judged over HTTP by a flaky local server.",
         "metric": "safety",
-        "dataset": {"format": "jsonl", "path": "storage/toyworld/data/{split}/harmful_general.jsonl",
+        "dataset": {"format": "jsonl", "path": "data/{split}/harmful_general.jsonl",
                     "split": "holdout"},
         "attack": "direct",
         "judge": {"type": "http", "base_url": f"http://127.0.0.1:{port}/v1", "model": "m", "retries": 0,

@@ -22,7 +22,7 @@ TOY = ["toy-harmful-general", "toy-harmful-medical", "toy-benign", "toy-mcq-medi
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     """A data root laid out like a built toy world, holding the fixture items as its held-out split."""
-    data = tmp_path / "storage" / "toyworld" / "data" / "holdout"
+    data = tmp_path / "data" / "holdout"
     data.mkdir(parents=True)
     for name in ("harmful_general", "harmful_medical", "benign", "mcq_medical"):
         shutil.copy(FIXTURES / "jsonl" / f"{name}.jsonl", data / f"{name}.jsonl")

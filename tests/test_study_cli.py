@@ -173,11 +173,11 @@ def test_the_demo_points_the_toy_study_at_its_world(tmp_path: Path) -> None:
     spec = demo_spec(storage, 2)
     assert spec.name == "toy-seed2" and spec.seed == 2
     assert spec.graft.checkpoints["aligned"].path == (storage / "toyworld" / "aligned").resolve()
-    # The toy suites read storage/toyworld/data/... under the data root: that is this world's data.
+    # The toy suites read data/{split}/... of the data root: the world itself, wherever it was built.
     suite = spec.objectives[0].suites[0].suite
     data = suite.dataset.resolved_path(spec.data_root).parent.parent
     assert data.resolve() == (storage / "toyworld" / "data").resolve()
-    assert demo_spec(tmp_path / "storage", 0).data_root == tmp_path.resolve()
+    assert demo_spec(tmp_path / "storage", 0).data_root == (tmp_path / "storage" / "toyworld").resolve()
 
 
 def _copy_with_changed_checkpoint(done: dict[str, Any], tmp_path: Path) -> str:

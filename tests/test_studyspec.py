@@ -31,7 +31,7 @@ def test_the_toy_study_loads() -> None:
     assert spec.directions == ["maximize", "maximize"]
     assert spec.graft.anchor == "medical"
     assert spec.graft.checkpoints["aligned"].path == (ROOT / "storage" / "toyworld" / "aligned").resolve()
-    assert spec.data_root == ROOT.resolve()
+    assert spec.data_root == (ROOT / "storage" / "toyworld").resolve()
     assert [r.split for r in spec.objectives[0].suites] == ["search", "search"]
     assert spec.objectives[0].holdout[0].split == "holdout"
     assert spec.constraints[0].violation(0.25) == pytest.approx(0.15)

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -42,7 +44,7 @@ def test_toy_suites_match_the_quick_check_settings() -> None:
             and suite.subset.size is None
         )
         assert suite.dataset.resolved_path(Path("/r")) == Path(
-            f"/r/storage/toyworld/data/holdout/{stem}.jsonl"
+            f"/r/data/holdout/{stem}.jsonl"
         )
     mcq = load_suite("toy-mcq-medical", [OBJECTIVES])
     assert mcq.metric == "mcq_loglik" and mcq.dataset.path.endswith("mcq_medical.jsonl")
@@ -234,11 +236,70 @@ def test_figstep_suite_end_to_end_on_an_image_text_model(
     )
     items = load_items(suite, tmp_path)
     cache = tmp_path / "figstep"
-    result = evaluate(llava, suite, items, figstep_cache=cache)
+    result = evaluate(llava, suite, items, image_cache=cache)
     assert len(list(cache.glob("*.png"))) == 3 and result.metrics["n"] == 3
-    assert result == evaluate(llava, suite, items, figstep_cache=cache)  # cached images, same outcomes
+    assert result == evaluate(llava, suite, items, image_cache=cache)  # cached images, same outcomes
     with pytest.raises(UserError, match="shows images, but the model takes text only"):
-        evaluate(chat, suite, items, figstep_cache=cache)
+        evaluate(chat, suite, items, image_cache=cache)
+
+
+def _pixels(path_or_image: Any) -> bytes:
+    from PIL import Image
+
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    return image.convert("RGB").tobytes()
+
+
+def test_safebench_figstep_types_the_instruction_not_the_question(
+    tmp_path: Path, llava: TransformersBackend
+) -> None:
+    """FigStep as published: SafeBench's paraphrased instruction ("Steps to ...") is what the image carries,
+    the text turn is FigStep's, and the judge is shown the question."""
+    from safesearch.evaluate import _prompts
+    from safesearch.figstep import FIGSTEP_PROMPT, FigStepStyle, render
+
+    suite = _suite(tmp_path, metric="safety", attack="figstep", figstep={"size": 112, "font_size": 16},
+                   dataset={"format": "safebench", "path": str(FIXTURES / "safebench/safebench.csv")})
+    items = load_items(suite, tmp_path)
+    first = items[0]
+    assert first.instruction and first.instruction != first.text
+    prompt = _prompts(suite, items, tmp_path / "cache")[0]
+    style = FigStepStyle(size=112, font_size=16)
+    assert prompt.text == FIGSTEP_PROMPT
+    assert _pixels(prompt.images[0]) == _pixels(render(first.instruction, style))
+    assert _pixels(prompt.images[0]) != _pixels(render(first.text, style))
+    result = evaluate(llava, suite, items, image_cache=tmp_path / "cache")
+    assert result.metrics["n"] == len(items) and all(o.response is not None for o in result.items)
+
+
+def test_qr_shows_the_data_sets_image_with_its_rephrased_question(tmp_path: Path, llava: TransformersBackend) -> None:
+    from safesearch.evaluate import _prompts, attack_notes
+    from safesearch.typography import render_typo
+
+    root = FIXTURES / "mmsafetybench" / "data"
+    suite = _suite(tmp_path, metric="safety", attack="qr",
+                   dataset={"format": "mmsafetybench", "path": str(root / "processed_questions")})
+    items = load_items(suite, tmp_path)
+    prompts = _prompts(suite, items, tmp_path / "cache")
+    first = json.loads((root / "processed_questions" / "01-Illegal_Activitiy.json").read_text())["0"]
+    assert prompts[0].text == first["Rephrased Question"]  # SD_TYPO's question
+    assert prompts[0].images == (root / "imgs" / "01-Illegal_Activitiy" / "SD_TYPO" / "0.jpg",)
+    assert items[0].text == first["Question"] and attack_notes(suite, items) == []
+    result = evaluate(llava, suite, items, image_cache=tmp_path / "cache")
+    assert result.metrics["n"] == len(items)
+    # Without the image folder: the key phrase typed (TYPO), asked with the TYPO question, and said so.
+    bare = _suite(tmp_path, metric="safety", attack="qr", dataset={
+        "format": "mmsafetybench", "path": str(FIXTURES / "mmsafetybench_no_images" / "processed_questions")})
+    items = load_items(bare, tmp_path)
+    prompt = _prompts(bare, items, tmp_path / "cache")[0]
+    assert prompt.text == items[0].qr.question and items[0].qr.kind == "TYPO"
+    assert _pixels(prompt.images[0]) == _pixels(render_typo(items[0].qr.key_phrase))
+    assert attack_notes(bare, items) == [
+        f"suite 'suite': {len(items)} of {len(items)} items have no MM-SafetyBench image here: their TYPO image "
+        "(the key phrase typed) is rendered locally, asked with the TYPO question"]
+    with pytest.raises(UserError, match="attack: qr shows MM-SafetyBench's query-relevant images: it needs "
+                                        "dataset.format mmsafetybench"):
+        _suite(tmp_path, attack="qr", **BASE)
 
 
 def test_vqa_suite_end_to_end_on_an_image_text_model(tmp_path: Path, llava: TransformersBackend) -> None:

@@ -162,12 +162,10 @@ def test_eval_reproduces_the_quick_check_on_the_built_world(
     toyworld_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``safesearch eval`` with the toy suites scores a built checkpoint exactly as the build's quick check."""
-    (tmp_path / "storage").mkdir()
-    (tmp_path / "storage" / "toyworld").symlink_to(toyworld_small)
     suites = ["toy-harmful-general", "toy-harmful-medical", "toy-benign", "toy-mcq-medical"]
     report_path = tmp_path / "report.json"
     args = ["eval", str(toyworld_small / "medical"), *(a for s in suites for a in ("--suite", s))]
-    code, err = _main(capsys, *args, "--data-root", str(tmp_path), "--json", str(report_path))
+    code, err = _main(capsys, *args, "--data-root", str(toyworld_small), "--json", str(report_path))
     assert code == 0, err
     metrics = {s["suite"]: s["metrics"] for s in json.loads(report_path.read_text())["suites"]}
     row = next(r for r in json.loads((toyworld_small / tw.QUICKCHECK).read_text())["rows"] if r["checkpoint"] == "medical")

@@ -34,13 +34,14 @@ def _register() -> None:
     global _registered
     if _registered:
         return
-    from safesearch.cli import dashboard, demo, eval, graft, study, toyworld
+    from safesearch.cli import dashboard, demo, eval, graft, study, suites, toyworld
 
     cli.add_command(toyworld.toyworld)
     cli.add_command(demo.demo)
     cli.add_command(graft.groups)
     cli.add_command(graft.merge)
     cli.add_command(eval.eval_cmd)
+    cli.add_command(suites.suites_cmd)
     cli.add_command(dashboard.dashboard)
     cli.add_command(study.study_group)
     cli.add_command(study.worker)

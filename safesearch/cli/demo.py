@@ -24,13 +24,13 @@ from rich.panel import Panel
 from safesearch.cli.toyworld import build_and_report
 from safesearch.errors import UserError
 from safesearch.studyspec import StudySpec, study_spec_from_dict
+from safesearch.suites import packaged_suites_dir
 from safesearch.textfiles import read_yaml
 
 DEFAULT_STORAGE = Path("storage")
 _REPO = Path(__file__).resolve().parents[2]
 # The project's own toy study and suites, never a file of the same name in the working directory.
 TOY_STUDY = _REPO / "studies" / "toy.yaml"
-SUITES = _REPO / "objectives"
 
 
 def toy_study_path() -> Path:
@@ -38,19 +38,6 @@ def toy_study_path() -> Path:
     if not TOY_STUDY.is_file():
         raise UserError(f"{TOY_STUDY}: not found (the demo runs from the project's source tree)")
     return TOY_STUDY
-
-
-def suite_root(storage: Path) -> Path:
-    """A data root under which ``storage/toyworld/data/...`` (the toy suites' paths) is ``storage``'s world."""
-    storage = storage.resolve()
-    if storage.name == "storage":
-        return storage.parent
-    root = storage / ".suite-root"
-    link = root / "storage" / "toyworld"
-    if not link.exists():
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(storage / "toyworld", target_is_directory=True)
-    return root
 
 
 def demo_spec(storage: Path, seed: int, template: Path | None = None) -> StudySpec:
@@ -68,9 +55,10 @@ def demo_spec(storage: Path, seed: int, template: Path | None = None) -> StudySp
     for name, ckpt in graft_dict["checkpoints"].items():
         ckpt["path"] = str(world / name)
     base = data.get("name", template.stem)
-    data.update(graft=graft_dict, data_root=str(suite_root(storage)), seed=seed,
+    # The toy suites' paths (data/{split}/...) are relative to the toy world: it is the data root.
+    data.update(graft=graft_dict, data_root=str(world), seed=seed,
                 name=base if seed == 0 else f"{base}-seed{seed}")
-    return study_spec_from_dict(data, base_dir=template.parent, where=str(template), suite_dirs=[SUITES])
+    return study_spec_from_dict(data, base_dir=template.parent, where=str(template), suite_dirs=[packaged_suites_dir()])
 
 
 @click.command("demo")

@@ -19,10 +19,18 @@ from transformers.utils import logging as hf_logging
 from safesearch.checkpoint import check_model
 from safesearch.devices import check_device
 from safesearch.errors import UserError
-from safesearch.evaluate import SuiteResult, build_judge, evaluate, load_items, work_units
+from safesearch.evaluate import (
+    SuiteResult,
+    attack_notes,
+    build_judge,
+    evaluate,
+    image_cache_dir,
+    load_items,
+    work_units,
+)
 from safesearch.judges import Judge
 from safesearch.outputs import check_output_file
-from safesearch.suites import JudgeSpec, default_data_root, default_suite_dirs, load_suite
+from safesearch.suites import JudgeSpec, Suite, default_data_root, default_suite_dirs, load_suite
 
 BACKENDS = ("transformers", "vllm")
 # Columns shown per dimension, in order; the JSON report has every metric.
@@ -39,7 +47,8 @@ def _fmt(value: float | int | None) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def render_tables(results: list[SuiteResult]) -> list[Table]:
+def render_tables(results: list[SuiteResult], splits: dict[str, str] | None = None) -> list[Table]:
+    """A table per dimension; ``splits`` (suite -> the split scored) adds a split column."""
     tables = []
     for dimension, columns in SHOWN.items():
         rows = [r for r in results if r.dimension == dimension]
@@ -48,13 +57,22 @@ def render_tables(results: list[SuiteResult]) -> list[Table]:
         shown = [c for c in columns if any(c in r.metrics for r in rows)]
         table = Table(title=dimension, title_justify="left")
         table.add_column("suite")
+        if splits:
+            table.add_column("split")
         table.add_column("metric")
         for c in shown:
             table.add_column(c, justify="right")
         for r in rows:
-            table.add_row(r.suite, r.metric, *(_fmt(r.metrics.get(c)) for c in shown))
+            split = [splits.get(r.suite, "")] if splits else []
+            table.add_row(r.suite, *split, r.metric, *(_fmt(r.metrics.get(c)) for c in shown))
         tables.append(table)
     return tables
+
+
+def _split_label(suite: Suite, split: str | None) -> str:
+    """The split a suite was scored on, as a report says it ("all" for every item)."""
+    name = suite.dataset.split if split is None else split
+    return name or "all"
 
 
 @click.command("eval")
@@ -89,12 +107,17 @@ def render_tables(results: list[SuiteResult]) -> list[Table]:
 )
 @click.option("--seed", type=int, help="Override the suites' subset seed.")
 @click.option(
+    "--split",
+    help="Score this split of every suite (search, holdout, or a published split such as test) "
+    "[default: each suite's dataset.split; every item of a partitioned suite without one].",
+)
+@click.option(
     "--data-root",
     type=click.Path(path_type=Path),
     help="Base of relative dataset paths [default: $SAFESEARCH_DATA_ROOT or .]",
 )
 @click.option(
-    "--suites-dir", type=click.Path(path_type=Path), help="Look suite names up here instead of ./objectives."
+    "--suites-dir", type=click.Path(path_type=Path), help="Look suite names up here first (then ./objectives, then the installed example suites)."
 )
 def eval_cmd(
     model: Path,
@@ -106,6 +129,7 @@ def eval_cmd(
     device: str,
     vllm_options: tuple[str, ...],
     seed: int | None,
+    split: str | None,
     data_root: Path | None,
     suites_dir: Path | None,
 ) -> None:
@@ -127,16 +151,22 @@ def eval_cmd(
     else:
         check_device(device, "--device")
     root = data_root or default_data_root()
-    dirs = [suites_dir] if suites_dir else default_suite_dirs()
+    dirs = default_suite_dirs(suites_dir)
     loaded = [load_suite(name, dirs) for name in suites]
-    items = {s.name: load_items(s, root, limit=limit, seed=seed) for s in loaded}
+    if split is not None:
+        if not split.strip():
+            raise UserError("--split: an empty split name (e.g. search, holdout, test)")
+        for s in loaded:
+            s.check_split(split, "--split")
+    items = {s.name: load_items(s, root, split=split, limit=limit, seed=seed) for s in loaded}
     if json_out is not None:
         check_output_file(json_out, "--json")
     check_model(model)
     if not TransformersBackend.takes_images(model):
         for s in loaded:
-            if s.attack == "figstep" or any(it.image is not None for it in items[s.name]):
-                how = " (a FigStep suite: requests typed into images)" if s.attack == "figstep" else ""
+            if s.attack != "direct" or any(it.image is not None for it in items[s.name]):
+                how = {"figstep": " (a FigStep suite: requests typed into images)",
+                       "qr": " (a query-relevant image attack)"}.get(s.attack, "")
                 raise UserError(f"suite '{s.name}' shows images, but the model at '{model}' takes text only{how}")
     # Our own progress bar says what runs; transformers' weight-loading bars would only clutter stderr.
     hf_logging.disable_progress_bar()
@@ -149,6 +179,9 @@ def eval_cmd(
     judges: dict[JudgeSpec, Judge] = {}
     results: list[SuiteResult] = []
     err = Console(stderr=True)
+    for s in loaded:
+        for note in attack_notes(s, items[s.name]):
+            err.print(f"note: {note}", soft_wrap=True, markup=False)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -170,14 +203,14 @@ def eval_cmd(
                     suite,
                     items[suite.name],
                     judge=judge,
-                    figstep_cache=root / "storage" / "cache" / "figstep",
+                    image_cache=image_cache_dir(root),
                     progress=lambda n, task=task: bar.advance(task, n),
                 )
             )
     if backend == "vllm":
         model_backend.close()  # the engine runs in this process: free it before the report
     out = Console()
-    for table in render_tables(results):
+    for table in render_tables(results, {s.name: _split_label(s, split) for s in loaded}):
         out.print(table)
     unjudged = sum(int(r.metrics.get("n_unjudged") or 0) for r in results)
     if unjudged:
@@ -188,7 +221,11 @@ def eval_cmd(
             "backend": backend,
             "seed": seed,
             "limit": limit,
-            "suites": [r.as_dict() for r in results],
+            "split": split,
+            "suites": [
+                {**r.as_dict(), "split": _split_label(s, split), "split_rule": s.splits.describe()}
+                for s, r in zip(loaded, results, strict=True)
+            ],
         }
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -69,10 +69,14 @@ def _plan(spec: StudySpec) -> Any:
     """What can be checked before anything is loaded or stored: every suite's items are read (a missing
     data file), the checkpoints' headers (a missing or corrupt checkpoint), the search space and its
     ranges; the search space is returned."""
+    from safesearch.evaluate import attack_notes
     from safesearch.search import prepare_tasks, search_refs, search_space
 
     _quiet_transformers()
-    prepare_tasks(search_refs(spec), spec.data_root)
+    tasks = prepare_tasks(search_refs(spec), spec.data_root)
+    err = Console(stderr=True, soft_wrap=True)
+    for note in dict.fromkeys(n for t in tasks.values() for n in attack_notes(t.suite, t.items)):
+        err.print(f"note: {note}", markup=False)
     return search_space(spec)
 
 
@@ -452,10 +456,16 @@ def validate_study(study_name: str, storage_url: str | None, device: str | None,
     from safesearch.grafted import open_grafted
     from safesearch.search import (
         HOLDOUT_CHECKPOINT,
+        HOLDOUT_ITEMS_ATTR,
         HOLDOUT_TRIAL,
+        SEARCH_ITEMS_ATTR,
+        check_disjoint,
+        check_same_items,
         holdout_refs,
         holdout_scores,
+        items_record,
         prepare_tasks,
+        search_refs,
     )
 
     console = console or Console(stderr=True)
@@ -479,7 +489,16 @@ def validate_study(study_name: str, storage_url: str | None, device: str | None,
         todo.append(zero)
     _quiet_transformers()
     dev = device or spec.device
+    # Before any scoring: the holdout must share no item with what the search scored. The search items
+    # are read again and checked against the study's record of them, so that a changed file cannot pass.
+    searched = prepare_tasks(search_refs(spec), spec.data_root, judges=False)
+    if SEARCH_ITEMS_ATTR in attrs:
+        check_same_items(attrs[SEARCH_ITEMS_ATTR], items_record(searched),
+                         "validate cannot prove the holdout disjoint from them")
     tasks = prepare_tasks(holdout_refs(spec), spec.data_root, device="cpu" if dev in (None, "auto") else dev)
+    for line in check_disjoint(searched, tasks):
+        console.print(escape(line), soft_wrap=True)
+    study.set_user_attr(HOLDOUT_ITEMS_ATTR, items_record(tasks))
     by_number = {r.number: r for r in rs}
     out: dict[str, Any] = {}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -540,7 +559,7 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
     from safesearch.export import export_merged
     from safesearch.merging import Merger
     from safesearch.outputs import check_output_dir
-    from safesearch.search import FINGERPRINT_ATTR
+    from safesearch.search import FINGERPRINT_ATTR, HOLDOUT_ITEMS_ATTR, SEARCH_ITEMS_ATTR
     from safesearch.storage import artifact_root, mask_url, sqlite_path
 
     if (trial is None) == (pick_how is None):
@@ -586,6 +605,9 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
             "feasible": record.feasible,
             "suites": record.suites,
             "holdout": record.holdout,
+            # What each split scored: n and a digest of the item ids per suite (validate proved them disjoint).
+            "items": {"search": study.user_attrs.get(SEARCH_ITEMS_ATTR),
+                      "holdout": study.user_attrs.get(HOLDOUT_ITEMS_ATTR)},
         }
     }
     path = export_merged(merger, coefs, out, overwrite=overwrite, extra_provenance=provenance)

@@ -13,6 +13,7 @@ from typing import Any
 from safesearch.datasets.generic import read_jsonl_items
 from safesearch.datasets.items import Item
 from safesearch.datasets.medical import read_medbullets, read_medmcqa, read_medqa, read_pubmedqa, read_vqa_rad
+from safesearch.datasets.multimodal import read_mmsafetybench, read_safebench
 from safesearch.datasets.safety import (
     read_catqa,
     read_harmbench,
@@ -35,6 +36,11 @@ FORMATS: dict[str, tuple[Callable[..., list[Item]], str]] = {
     "catqa": (read_catqa, "catqa_english.json"),
     "harmbench": (read_harmbench, "harmbench_behaviors_text_all.csv"),
     "xstest": (read_xstest, "xstest_prompts.csv"),
+    "mmsafetybench": (
+        read_mmsafetybench,
+        "MM-SafetyBench's processed_questions/*.json (a file or their folder), beside imgs/",
+    ),
+    "safebench": (read_safebench, "FigStep's safebench.csv (question and instruction columns)"),
 }
 
 

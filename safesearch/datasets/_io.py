@@ -8,7 +8,9 @@ named by line instead of failing with a traceback.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,19 @@ def read_text(path: Path, what: str) -> str:
         line = text.count("\n", 0, nul) + 1
         raise UserError(f"{what} {path}:{line}: holds a NUL character (UTF-16? save the file as UTF-8)")
     return text
+
+
+def benchmark_files(path: Path, pattern: str, what: str) -> list[Path]:
+    """``path`` if it is a file, else the files under it matching ``pattern`` (recursively, sorted): the
+    benchmarks published as one file per category or scenario take either."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UserError(f"{what}: nothing at '{path}' (expected a {pattern} file or a directory of them)")
+    files = sorted(path.rglob(pattern))
+    if not files:
+        raise UserError(f"{what}: no {pattern} files under '{path}'")
+    return files
 
 
 # -- JSON ----------------------------------------------------------------------------------------
@@ -251,6 +266,24 @@ class UniqueIds:
             raise UserError(f"{where}: duplicate id '{item_id}' (first on {self._first[item_id]})")
         self._first[item_id] = label
         return item_id
+
+
+class ContentIds:
+    """Ids for records a benchmark publishes without one: ``<prefix>-<hash of the content>``, so that an
+    item keeps its id (and with it its split and its place in a seeded subset) when the file is re-ordered
+    or rows are added, and two files of one benchmark (a dev and a test file) never share an id by line
+    number. An exact duplicate takes its twin's id with ``.2``, ``.3``... in order of appearance."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._seen: Counter[str] = Counter()
+
+    def make(self, *content: str) -> str:
+        digest = hashlib.sha256("\x1f".join(content).encode()).hexdigest()[:12]
+        base = f"{self.prefix}-{digest}"
+        self._seen[base] += 1
+        n = self._seen[base]
+        return base if n == 1 else f"{base}.{n}"
 
 
 # -- images --------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Readers for the medical accuracy benchmarks, in the formats their authors publish.
 
-Items without an id in the source get ``<format>-<n>``, n the 1-based record number, so that ids (and
-the seeded subsets chosen by id) are stable as long as the file is.
+Items without an id in the source get ``<format>-<hash of the question and options>``
+(:class:`~safesearch.datasets._io.ContentIds`), so that ids (and the splits and seeded subsets chosen by
+id) do not change when the file is re-ordered, and a dev and a test file never share one.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from safesearch.datasets._io import (
+    ContentIds,
     UniqueIds,
     cell,
     check_string,
@@ -86,7 +88,8 @@ def _text_or_number(obj: dict[str, Any], key: str, where: str) -> str:
 def read_medqa(path: Path) -> list[Item]:
     """MedQA-USMLE (4 options) JSONL: question, options {A..D}, answer_idx (a letter), meta_info."""
     items = []
-    for n, (lineno, obj) in enumerate(read_jsonl(path, "MedQA-USMLE JSONL"), start=1):
+    ids = ContentIds("medqa")
+    for lineno, obj in read_jsonl(path, "MedQA-USMLE JSONL"):
         where = f"{path}:{lineno}"
         opts = field(obj, "options", where, dict)
         letters = sorted(opts)
@@ -94,10 +97,11 @@ def read_medqa(path: Path) -> list[Item]:
             raise UserError(f"{where}: 'options' should be keyed A, B, C, ... (got {', '.join(letters)})")
         options = tuple(_text_or_number(opts, k, where) for k in letters)
         answer = letter_index(field(obj, "answer_idx", where), len(options), where)
+        question = text_field(obj, "question", where)
         items.append(
             Item(
-                id=f"medqa-{n:05d}",
-                text=text_field(obj, "question", where),
+                id=ids.make(question, *options),
+                text=question,
                 kind="mcq",
                 domain="medical",
                 category=optional_field(obj, "meta_info", where, "medqa"),
@@ -115,17 +119,20 @@ def read_medmcqa(path: Path, *, cop_base: int = 1) -> list[Item]:
         raise UserError(f"medmcqa: cop_base should be 0 or 1, got {cop_base}")
     items = []
     ids = UniqueIds()
-    for n, (lineno, obj) in enumerate(read_jsonl(path, "MedMCQA JSONL"), start=1):
+    made = ContentIds("medmcqa")
+    for lineno, obj in read_jsonl(path, "MedMCQA JSONL"):
         where = f"{path}:{lineno}"
         options = tuple(_text_or_number(obj, k, where) for k in ("opa", "opb", "opc", "opd"))
         cop = field(obj, "cop", where, int) - cop_base
         if not 0 <= cop < 4:
             raise UserError(f"{where}: cop {cop + cop_base} is out of range for cop_base {cop_base}")
-        item_id = str(optional_field(obj, "id", where, f"medmcqa-{n:05d}", (str, int)))
+        question = text_field(obj, "question", where)
+        given = optional_field(obj, "id", where, None, (str, int))
+        item_id = made.make(question, *options) if given is None else str(given)
         items.append(
             Item(
                 id=ids.add(item_id, where, f"line {lineno}"),
-                text=text_field(obj, "question", where),
+                text=question,
                 kind="mcq",
                 domain="medical",
                 category=optional_field(obj, "subject_name", where, "medmcqa"),
@@ -142,14 +149,16 @@ def read_medbullets(path: Path) -> list[Item]:
         path, "Medbullets", ["question", "opa", "opb", "opc", "opd", "answer_idx"], optional=["ope"]
     )
     items = []
-    for n, (lineno, row) in enumerate(rows, start=1):
+    ids = ContentIds("medbullets")
+    for lineno, row in rows:
         where = f"{path}:{lineno}"
         keys = ["opa", "opb", "opc", "opd"] + (["ope"] if row.get("ope", "").strip() else [])
         options = tuple(cell(row, k, where) for k in keys)
+        question = cell(row, "question", where)
         items.append(
             Item(
-                id=f"medbullets-{n:05d}",
-                text=cell(row, "question", where),
+                id=ids.make(question, *options),
+                text=question,
                 kind="mcq",
                 domain="medical",
                 category=f"op{len(options)}",
@@ -164,7 +173,10 @@ def read_vqa_rad(
     path: Path, *, images: str = "VQA_RAD Image Folder", answer_type: str = "closed"
 ) -> list[Item]:
     """VQA-RAD's ``VQA_RAD Dataset Public.json`` (qid, image_name, question, answer, answer_type) and its
-    image folder (``images``, relative to the JSON's directory). ``answer_type``: closed, open or all."""
+    image folder (``images``, relative to the JSON's directory). ``answer_type``: closed, open or all.
+
+    The published split is each record's ``phrase_type``: ``test_freeform`` and ``test_para`` are the test
+    set, ``freeform`` and ``para`` the training set; items carry it as ``split`` ``test`` or ``train``."""
     option("vqa_rad", "images", images, str)
     if option("vqa_rad", "answer_type", answer_type, str) not in ("closed", "open", "all"):
         raise UserError(f"vqa_rad: answer_type should be closed, open or all, got '{answer_type}'")
@@ -197,7 +209,22 @@ def read_vqa_rad(
                 category=optional_field(rec, "image_organ", where, "").strip(),
                 image=image_file(folder / image_name, where, checked),
                 answer_text=_text_or_number(rec, "answer", where),
+                split=_vqa_rad_split(rec, where),
                 meta={"answer_type": kind_of_answer, "question_type": rec.get("question_type")},
             )
         )
     return items
+
+
+VQA_RAD_PHRASE_TYPES = {"freeform": "train", "para": "train", "test_freeform": "test", "test_para": "test"}
+
+
+def _vqa_rad_split(rec: dict[str, Any], where: str) -> str:
+    """``test`` or ``train`` from the record's ``phrase_type``; a record without one has no split."""
+    phrase_type = optional_field(rec, "phrase_type", where, "").strip().lower()
+    if not phrase_type:
+        return ""
+    if phrase_type not in VQA_RAD_PHRASE_TYPES:
+        known = ", ".join(VQA_RAD_PHRASE_TYPES)
+        raise UserError(f"{where}: phrase_type '{phrase_type}' is not one of {known}")
+    return VQA_RAD_PHRASE_TYPES[phrase_type]

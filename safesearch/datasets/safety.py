@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from safesearch.datasets._io import (
+    ContentIds,
     UniqueIds,
+    benchmark_files,
     cell,
     check_string,
     json_type,
@@ -31,17 +33,6 @@ from safesearch.errors import UserError
 _CATEGORY = re.compile(r"category_(\d+)")
 
 
-def _category_files(path: Path, pattern: str, what: str) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise UserError(f"{what}: nothing at '{path}' (expected a {pattern} file or a directory of them)")
-    files = sorted(path.rglob(pattern))
-    if not files:
-        raise UserError(f"{what}: no {pattern} files under '{path}'")
-    return files
-
-
 def _category_of(file: Path) -> str:
     m = _CATEGORY.search(file.stem)
     return f"category_{m.group(1)}" if m else file.stem
@@ -49,15 +40,18 @@ def _category_of(file: Path) -> str:
 
 def read_medsafetybench(path: Path) -> list[Item]:
     """MedSafetyBench: ``med_safety_demonstrations_category_N.csv`` (column harmful_medical_request),
-    e.g. ``datasets/test/gpt4/``; the parent directory name (gpt4, llama2) is kept as the generator."""
+    e.g. ``datasets/test/gpt4/``; the parent directory name (gpt4, llama2) is kept as the generator.
+    Ids: ``msb-<generator>-<category>-<content hash>`` (see :class:`ContentIds`)."""
     items = []
-    for file in _category_files(path, "*category_*.csv", "MedSafetyBench"):
+    for file in benchmark_files(path, "*category_*.csv", "MedSafetyBench"):
         category = _category_of(file)
-        for n, (lineno, row) in enumerate(read_csv(file, "MedSafetyBench", ["harmful_medical_request"])):
+        ids = ContentIds(f"msb-{file.parent.name}-{category}")
+        for lineno, row in read_csv(file, "MedSafetyBench", ["harmful_medical_request"]):
+            text = cell(row, "harmful_medical_request", f"{file}:{lineno}")
             items.append(
                 Item(
-                    id=f"msb-{file.parent.name}-{category}-{n:04d}",
-                    text=cell(row, "harmful_medical_request", f"{file}:{lineno}"),
+                    id=ids.make(text),
+                    text=text,
                     kind="harmful",
                     domain="medical",
                     category=category,
@@ -68,15 +62,18 @@ def read_medsafetybench(path: Path) -> list[Item]:
 
 
 def read_hexphi(path: Path) -> list[Item]:
-    """HEx-PHI: ``category_N.csv`` files without a header, one instruction a row (one cell)."""
+    """HEx-PHI: ``category_N.csv`` files without a header, one instruction a row (one cell). Ids:
+    ``hexphi-<category>-<content hash>`` (see :class:`ContentIds`)."""
     items = []
-    for file in _category_files(path, "category_*.csv", "HEx-PHI"):
+    for file in benchmark_files(path, "category_*.csv", "HEx-PHI"):
         category = _category_of(file)
-        for n, (lineno, cells) in enumerate(read_csv_rows(file, "HEx-PHI")):
+        ids = ContentIds(f"hexphi-{category}")
+        for lineno, cells in read_csv_rows(file, "HEx-PHI"):
+            text = _hexphi_instruction(cells, f"{file}:{lineno}")
             items.append(
                 Item(
-                    id=f"hexphi-{category}-{n:04d}",
-                    text=_hexphi_instruction(cells, f"{file}:{lineno}"),
+                    id=ids.make(text),
+                    text=text,
                     kind="harmful",
                     category=category,
                 )
@@ -104,15 +101,16 @@ def read_catqa(path: Path) -> list[Item]:
     records = list(_catqa_records(read_text(path, "CatQA"), path))
     if not records:
         raise UserError(f"{path}: CatQA file has no questions")
+    ids = ContentIds("catqa")
     return [
         Item(
-            id=f"catqa-{n:04d}",
+            id=ids.make(q.strip()),
             text=q.strip(),
             kind="harmful",
             category=cat.strip(),
             meta={"subcategory": sub.strip()},
         )
-        for n, (cat, sub, q) in enumerate(records)
+        for cat, sub, q in records
     ]
 
 

@@ -257,7 +257,9 @@ def check(case: Case, ws: Any) -> Outcome:
     named_t = (named,) if isinstance(named, str) else tuple(named)
     before = snapshot(ws.root)
     pg_before = postgres_summary(ws.postgres_url) if case.postgres and ws.postgres_url else None
-    code, stdout, stderr = invoke([str(a) for a in argv], ws.root, case.env)
+    # The toy suites' paths are relative to the toy world: it is the data root unless a case says otherwise.
+    env = {"SAFESEARCH_DATA_ROOT": str(ws.world), **case.env}
+    code, stdout, stderr = invoke([str(a) for a in argv], ws.root, env)
     after = snapshot(ws.root)
     changes = diff(before, after)
     if pg_before is not None:

@@ -94,7 +94,7 @@ class Workspace:
         return {
             "name": name,
             "graft": "graft.yaml",
-            "data_root": "..",
+            "data_root": "../storage/toyworld",
             "search": {"safety": {"range": [0.0, 1.0]}, "medical": {"range": [-0.3, 0.3]}},
             "objectives": [
                 {"name": "safety", "suites": ["toy-harmful-general", "toy-harmful-medical"], "subset": 8,
