@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -80,7 +81,7 @@ def typography_lines(request: str) -> list[str]:
 
 
 @lru_cache(maxsize=64)
-def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
+def load_font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size, layout_engine=ImageFont.Layout.BASIC)
 
 
@@ -110,7 +111,7 @@ def layout(request: str, style: FigStepStyle, font_path: Path) -> tuple[int, lis
     inner = style.size - 2 * style.margin
     size = style.font_size
     while True:
-        font = _font(str(font_path), size)
+        font = load_font(str(font_path), size)
         lines = [ln for p in typography_lines(request) for ln in wrap(p, font, inner)]
         if len(lines) * round(size * style.line_spacing) <= inner or size <= style.min_font_size:
             return size, lines
@@ -121,7 +122,7 @@ def render(request: str, style: FigStepStyle = FigStepStyle()) -> Image.Image:
     """The FigStep image of ``request``: black text on a white ``size`` x ``size`` RGB canvas."""
     font_path = find_font(style.font)
     size, lines = layout(request, style, font_path)
-    font = _font(str(font_path), size)
+    font = load_font(str(font_path), size)
     image = Image.new("RGB", (style.size, style.size), "white")
     draw = ImageDraw.Draw(image)
     step = round(size * style.line_spacing)
@@ -130,11 +131,16 @@ def render(request: str, style: FigStepStyle = FigStepStyle()) -> Image.Image:
     return image
 
 
+def drawing_key(fields: dict[str, Any], font: str | None) -> str:
+    """The content hash naming a rendering: what is drawn (``fields``) and the font file's bytes."""
+    font_digest = hashlib.sha256(find_font(font).read_bytes()).hexdigest()
+    blob = json.dumps({**fields, "font": font_digest}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
 def image_key(request: str, style: FigStepStyle) -> str:
     """The content hash naming a rendering: the text, the style and the font's bytes."""
-    font_digest = hashlib.sha256(find_font(style.font).read_bytes()).hexdigest()
-    blob = json.dumps({"request": request, "style": asdict(style), "font": font_digest}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return drawing_key({"request": request, "style": asdict(style)}, style.font)
 
 
 def cached_png(cache_dir: Path, key: str, draw: Callable[[], Image.Image]) -> Path:

@@ -402,9 +402,10 @@ def spec_where(spec: StudySpec) -> str:
 
 def ensure_study(
     spec: StudySpec, storage: optuna.storages.BaseStorage, space: SearchSpace, *, sampler_seed: int | None = None,
-    create: bool = True,
+    create: bool = True, searched: Mapping[str, Any] | None = None,
 ) -> tuple[optuna.Study, bool]:
     """Create the study (its spec, fingerprint and baselines enqueued) or join it; (study, created).
+    ``searched``: :func:`search_items` of ``spec`` when the caller has read them already.
 
     Creation is race-free: Optuna's unique study name decides who creates, and only the creator enqueues
     the baselines. A joiner waits (up to :data:`SETUP_WAIT_S`) for the creator to finish that setup and
@@ -429,7 +430,7 @@ def ensure_study(
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
             study.set_user_attr("objectives", {o.name: o.direction for o in spec.objectives})
             study.set_user_attr("sampler", spec.sampler.name)
-            study.set_user_attr(SEARCH_ITEMS_ATTR, search_items(spec))
+            study.set_user_attr(SEARCH_ITEMS_ATTR, dict(searched) if searched is not None else search_items(spec))
             for label, params in space.baseline_params(spec):
                 study.enqueue_trial(params, user_attrs={BASELINE_ATTR: label})
             study.set_user_attr(FINGERPRINT_ATTR, spec.fingerprint())  # the study is ready for joiners
@@ -450,13 +451,14 @@ def ensure_study(
                 "(its creator stopped early?); delete it or choose another name"
             )
         time.sleep(0.5)
-    check_joinable(study, spec)
+    check_joinable(study, spec, searched)
     return study, False
 
 
-def check_joinable(study: optuna.Study, spec: StudySpec) -> None:
-    """Refuse to work on an existing study with ``spec`` when its directions or (once set up) its
-    fingerprint differ: the trials would not be comparable."""
+def check_joinable(study: optuna.Study, spec: StudySpec, searched: Mapping[str, Any] | None = None) -> None:
+    """Refuse to work on an existing study with ``spec`` when its directions, (once set up) its
+    fingerprint or the search items read here (``searched``, else read now) differ: the trials would not
+    be comparable."""
     from safesearch.storage import check_directions
 
     check_directions(study, spec.directions)
@@ -468,7 +470,7 @@ def check_joinable(study: optuna.Study, spec: StudySpec) -> None:
         )
     recorded = study.user_attrs.get(SEARCH_ITEMS_ATTR)
     if recorded is not None:
-        check_same_items(recorded, search_items(spec),
+        check_same_items(recorded, searched if searched is not None else search_items(spec),
                          f"the trials of study {spec.name!r} would not be comparable: use the same data")
 
 

@@ -12,8 +12,6 @@ image of the same text never share a file, even in one cache folder.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from safesearch.datasets.items import Item
 from safesearch.errors import UserError
-from safesearch.figstep import _font, cached_png, find_font, wrap
+from safesearch.figstep import cached_png, drawing_key, find_font, load_font, wrap
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ class TypoStyle:
 def typo_lines(text: str, style: TypoStyle, font_path: Path) -> list[str]:
     """The lines drawn: ``text`` with its whitespace (line breaks included) collapsed, wrapped to the canvas
     less its margins. MM-SafetyBench joins the lines of a phrase too."""
-    return wrap(text, _font(str(font_path), style.font_size), style.width - 2 * style.margin)
+    return wrap(text, load_font(str(font_path), style.font_size), style.width - 2 * style.margin)
 
 
 def render_typo(text: str, style: TypoStyle = TypoStyle()) -> Image.Image:
@@ -46,7 +44,7 @@ def render_typo(text: str, style: TypoStyle = TypoStyle()) -> Image.Image:
     if not lines:
         # an empty image would still be shown to the model, and scored as an attack that drew nothing
         raise UserError("typography: nothing to draw (the key phrase is blank)")
-    font = _font(str(font_path), style.font_size)
+    font = load_font(str(font_path), style.font_size)
     step = round(style.font_size * style.line_spacing)
     image = Image.new("RGB", (style.width, 2 * style.margin + len(lines) * step), "white")
     draw = ImageDraw.Draw(image)
@@ -58,11 +56,7 @@ def render_typo(text: str, style: TypoStyle = TypoStyle()) -> Image.Image:
 def typo_key(text: str, style: TypoStyle) -> str:
     """The content hash naming a rendering: a "typo" tag, the text, the style and the font's bytes. The tag
     keeps it apart from :func:`safesearch.figstep.image_key`, whose blob has no such field."""
-    font_digest = hashlib.sha256(find_font(style.font).read_bytes()).hexdigest()
-    blob = json.dumps(
-        {"attack": "typo", "text": text, "style": asdict(style), "font": font_digest}, sort_keys=True
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return drawing_key({"attack": "typo", "text": text, "style": asdict(style)}, style.font)
 
 
 def cached_typo(text: str, cache_dir: Path, style: TypoStyle = TypoStyle()) -> Path:

@@ -69,6 +69,26 @@ def render_tables(results: list[SuiteResult], splits: dict[str, str] | None = No
     return tables
 
 
+# The options that say where suites and their data are found (eval, suites).
+data_root_option = click.option(
+    "--data-root",
+    type=click.Path(path_type=Path),
+    help="Base of relative dataset paths [default: $SAFESEARCH_DATA_ROOT or .]",
+)
+suites_dir_option = click.option(
+    "--suites-dir",
+    type=click.Path(path_type=Path),
+    help="Look suite names up here first (then ./objectives, then the installed example suites).",
+)
+
+
+def check_folder_flags(data_root: Path | None, suites_dir: Path | None) -> None:
+    """``--data-root`` and ``--suites-dir``, when given, are folders that exist."""
+    for flag, folder in (("--data-root", data_root), ("--suites-dir", suites_dir)):
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"{flag} {folder}: {'is not a directory' if folder.exists() else 'does not exist'}")
+
+
 def _split_label(suite: Suite, split: str | None) -> str:
     """The split a suite was scored on, as a report says it ("all" for every item)."""
     name = suite.dataset.split if split is None else split
@@ -111,14 +131,8 @@ def _split_label(suite: Suite, split: str | None) -> str:
     help="Score this split of every suite (search, holdout, or a published split such as test) "
     "[default: each suite's dataset.split; every item of a partitioned suite without one].",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path),
-    help="Base of relative dataset paths [default: $SAFESEARCH_DATA_ROOT or .]",
-)
-@click.option(
-    "--suites-dir", type=click.Path(path_type=Path), help="Look suite names up here first (then ./objectives, then the installed example suites)."
-)
+@data_root_option
+@suites_dir_option
 def eval_cmd(
     model: Path,
     suites: tuple[str, ...],
@@ -137,9 +151,7 @@ def eval_cmd(
     from safesearch.backends.transformers import TransformersBackend
 
     # Everything that can be wrong with the input is checked before the model loads.
-    for flag, folder in (("--data-root", data_root), ("--suites-dir", suites_dir)):
-        if folder is not None and not folder.is_dir():
-            raise UserError(f"{flag} {folder}: {'is not a directory' if folder.exists() else 'does not exist'}")
+    check_folder_flags(data_root, suites_dir)
     if any(not name.strip() for name in suites):
         raise UserError("--suite: an empty suite name (give a name from objectives/ or a YAML path)")
     if backend == "vllm":

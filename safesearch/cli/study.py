@@ -65,23 +65,24 @@ def _fmt(x: Any) -> str:
 # -- the study -------------------------------------------------------------------------------------------
 
 
-def _plan(spec: StudySpec) -> Any:
+def _plan(spec: StudySpec) -> tuple[Any, dict[str, Any]]:
     """What can be checked before anything is loaded or stored: every suite's items are read (a missing
     data file), the checkpoints' headers (a missing or corrupt checkpoint), the search space and its
-    ranges; the search space is returned."""
+    ranges. Returns the search space and the record of the search items read (``items_record``), which
+    the study keeps at creation and compares when joining."""
     from safesearch.evaluate import attack_notes
-    from safesearch.search import prepare_tasks, search_refs, search_space
+    from safesearch.search import items_record, prepare_tasks, search_refs, search_space
 
     _quiet_transformers()
     tasks = prepare_tasks(search_refs(spec), spec.data_root)
     err = Console(stderr=True, soft_wrap=True)
     for note in dict.fromkeys(n for t in tasks.values() for n in attack_notes(t.suite, t.items)):
         err.print(f"note: {note}", markup=False)
-    return search_space(spec)
+    return search_space(spec), items_record(tasks)
 
 
 def _check_before_loading(spec: StudySpec, storage_url: str | None, device: str | None,
-                          artifacts: Path | None) -> Any:
+                          artifacts: Path | None, searched: dict[str, Any]) -> Any:
     """Before a worker loads its model: the devices, the storage (created nothing: a model that then
     fails to load leaves no database behind) and the artifact store. Returns the existing study of that
     name (checked to accept this spec) or None."""
@@ -100,13 +101,14 @@ def _check_before_loading(spec: StudySpec, storage_url: str | None, device: str 
         except UserError:  # no such study yet
             existing = None
         if existing is not None:
-            check_joinable(existing, spec)
+            check_joinable(existing, spec, searched)
     check_output_dir_writable(artifact_root(storage_url, artifacts), "--artifacts")
     return existing
 
 
-def _open_study(spec: StudySpec, space: Any, storage_url: str | None, *, sampler_seed: int | None = None,
-                heartbeat_s: int | None = None, grace_s: int | None = None) -> tuple[Any, Any, bool]:
+def _open_study(spec: StudySpec, space: Any, searched: dict[str, Any], storage_url: str | None, *,
+                sampler_seed: int | None = None, heartbeat_s: int | None = None,
+                grace_s: int | None = None) -> tuple[Any, Any, bool]:
     """(storage, study, created): the study created with its baselines, or joined.
 
     ``heartbeat_s``/``grace_s``: the storage heartbeat (default: safesearch.storage's, 60 s / twice that)."""
@@ -115,7 +117,7 @@ def _open_study(spec: StudySpec, space: Any, storage_url: str | None, *, sampler
 
     storage = open_storage(storage_url, heartbeat_interval=heartbeat_s or DEFAULT_HEARTBEAT_INTERVAL,
                            grace_period=grace_s, max_retry=spec.max_retries)
-    study, created = ensure_study(spec, storage, space, sampler_seed=sampler_seed)
+    study, created = ensure_study(spec, storage, space, sampler_seed=sampler_seed, searched=searched)
     return storage, study, created
 
 
@@ -145,8 +147,8 @@ def create(spec_path: Path, storage_url: str | None) -> None:
     """Create the study of SPEC (or join it if it exists with the same spec), baselines enqueued."""
     console = Console(stderr=True)
     spec = load_study_spec(spec_path)
-    space = _plan(spec)
-    storage, study, created = _open_study(spec, space, storage_url)
+    space, searched = _plan(spec)
+    storage, study, created = _open_study(spec, space, searched, storage_url)
     _describe(spec, space, created, storage, console)
 
 
@@ -173,12 +175,12 @@ def _open_worker(spec: StudySpec, device: str | None, space: Any) -> Any:
     return open_worker(spec, device=device, space=space)
 
 
-def _serve(w: Any, spec: StudySpec, space: Any, storage_url: str | None, artifacts: Path | None,
-           console: Console, **study_kwargs: Any) -> tuple[Any, bool]:
+def _serve(w: Any, spec: StudySpec, space: Any, searched: dict[str, Any], storage_url: str | None,
+           artifacts: Path | None, console: Console, **study_kwargs: Any) -> tuple[Any, bool]:
     """Create or join the study once the worker ``w`` is loaded, and give ``w`` its artifact store."""
     from safesearch.storage import artifact_store_for
 
-    storage, study, created = _open_study(spec, space, storage_url, **study_kwargs)
+    storage, study, created = _open_study(spec, space, searched, storage_url, **study_kwargs)
     w.artifact_store = artifact_store_for(storage_url, artifacts)
     _describe(spec, space, created, storage, console)
     return study, created
@@ -225,11 +227,11 @@ def worker(spec_path: Path, storage_url: str | None, n_trials: int | None, devic
     """Join the study of SPEC (creating it if needed) and serve trials until it has its n_trials."""
     console = Console(stderr=True)
     spec = _with_backend(load_study_spec(spec_path), backend)
-    space = _plan(spec)
-    _check_before_loading(spec, storage_url, device, artifacts)
+    space, searched = _plan(spec)
+    _check_before_loading(spec, storage_url, device, artifacts, searched)
     w = _open_worker(spec, device, space)
     try:
-        study, created = _serve(w, spec, space, storage_url, artifacts, console, sampler_seed=seed,
+        study, created = _serve(w, spec, space, searched, storage_url, artifacts, console, sampler_seed=seed,
                                 heartbeat_s=heartbeat_s, grace_s=grace_s)
         if seed is None and not created:
             study.sampler = _reseeded(spec, _worker_seed(spec, created))
@@ -305,15 +307,15 @@ def run(spec_path: Path, storage_url: str | None, device: str | None, artifacts:
 def run_study(spec: StudySpec, storage_url: str | None, device: str | None, artifacts: Path | None,
               console: Console) -> tuple[StudySpec, Any]:
     """Create (or join) the study and work on it until it has its trials; the front shown as it grows."""
-    space = _plan(spec)
-    existing = _check_before_loading(spec, storage_url, device, artifacts)
+    space, searched = _plan(spec)
+    existing = _check_before_loading(spec, storage_url, device, artifacts, searched)
     if existing is not None and _complete_count(existing) >= spec.n_trials:
         console.print(f"study {spec.name} already has its {spec.n_trials} trials")
         _warn_unretried(existing, console)
         return spec, existing
     w = _open_worker(spec, device, space)
     try:
-        study, _ = _serve(w, spec, space, storage_url, artifacts, console)
+        study, _ = _serve(w, spec, space, searched, storage_url, artifacts, console)
         directions = _directions(spec)
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.fields[last]}"), console=console)

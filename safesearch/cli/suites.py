@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from safesearch.cli.eval import check_folder_flags, data_root_option, suites_dir_option
 from safesearch.errors import UserError
 from safesearch.suites import Suite, default_data_root, default_suite_dirs, load_suite
 
@@ -39,16 +40,12 @@ def split_counts(suite: Suite, data_root: Path) -> dict[str, int | str]:
 
 @click.command("suites")
 @click.argument("names", nargs=-1)
-@click.option("--data-root", type=click.Path(path_type=Path),
-              help="Base of relative dataset paths [default: $SAFESEARCH_DATA_ROOT or .]")
-@click.option("--suites-dir", type=click.Path(path_type=Path),
-              help="Look suite names up here first (then ./objectives, then the installed example suites).")
+@data_root_option
+@suites_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per suite) instead of a table.")
 def suites_cmd(names: tuple[str, ...], data_root: Path | None, suites_dir: Path | None, as_json: bool) -> None:
     """List suites (default: every one found) with their split rule and items per split."""
-    for flag, folder in (("--data-root", data_root), ("--suites-dir", suites_dir)):
-        if folder is not None and not folder.is_dir():
-            raise UserError(f"{flag} {folder}: {'is not a directory' if folder.exists() else 'does not exist'}")
+    check_folder_flags(data_root, suites_dir)
     dirs = default_suite_dirs(suites_dir)
     if not names:
         names = tuple(sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")}))
