@@ -96,6 +96,7 @@ class GroupSpec:
     preset: str | None = "layer"
     rules: tuple[GroupRule, ...] = ()
     frozen: tuple[str, ...] = ()
+    where: str = field(default="groups", compare=False)  # how errors name the section: "FILE: groups"
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,31 @@ def load_spec(path: str | Path) -> GraftSpec:
     """Read and validate a graft spec file; every error names the file and the field."""
     path = Path(path)
     data = read_yaml(path, "graft spec")
+    return spec_from_dict(data, base_dir=path.parent, where=str(path), source=path)
+
+
+def graft_field(raw: Any, base: Path, where: str) -> GraftSpec:
+    """A study spec's ``graft:`` field: a graft spec file (relative to ``base``), or the graft spec inline."""
+    if isinstance(raw, str):
+        path = Path(raw).expanduser()
+        path = path if path.is_absolute() else (base / path).resolve()
+        try:
+            return load_spec(path)
+        except UserError as e:
+            raise UserError(f"{where}: {e.message}") from None
+    return spec_from_dict(raw, base_dir=base, where=where)
+
+
+def load_graft(path: str | Path) -> GraftSpec:
+    """The graft of a graft spec file, or of a study spec file (its ``graft:`` field, a file or inline), so
+    that ``safesearch groups`` reads either. Only the graft is validated."""
+    path = Path(path)
+    data = read_yaml(path, "graft or study spec")
+    if isinstance(data, dict) and "graft" in data and "anchor" not in data:
+        raw = data["graft"]
+        if not isinstance(raw, (str, dict)):
+            raise UserError(f"{path}: graft: expected a graft spec file or the graft spec inline, got {raw!r}")
+        return graft_field(raw, path.parent, f"{path}: graft")
     return spec_from_dict(data, base_dir=path.parent, where=str(path), source=path)
 
 
@@ -288,7 +314,7 @@ def _groups(raw: Any, where: str) -> GroupSpec:
     if not isinstance(frozen_raw, list):
         raise UserError(f"{where}.frozen: expected a list of regexes, got {type(frozen_raw).__name__}")
     frozen = tuple(_regex(p, f"{where}.frozen[{i}]") for i, p in enumerate(frozen_raw))
-    return GroupSpec(preset, tuple(rules), frozen)
+    return GroupSpec(preset, tuple(rules), frozen, where)
 
 
 def _check_acyclic(vectors: Mapping[str, VectorSpec], where: str) -> None:

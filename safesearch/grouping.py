@@ -121,17 +121,18 @@ def group_parameters(names: Iterable[str], spec: GroupSpec) -> Grouping:
         if group is None:
             how = f"preset {spec.preset!r}" if spec.preset else "no preset"
             raise UserError(
-                f"parameter {name!r} is in no group ({len(rules)} rules and {how} do not place it); "
-                "add a groups.rules entry for it or list it under groups.frozen"
+                f"{spec.where}: parameter {name!r} is in no group ({len(rules)} rules and {how} do not place "
+                "it); add a groups.rules entry for it or list it under groups.frozen"
             )
         groups.setdefault(group, []).append(name)
     for i, n in enumerate(rule_hits):
         if n == 0:
             r = spec.rules[i]
             raise UserError(
-                f"groups.rules[{i}]: pattern {r.pattern!r} places no parameter (none matches before an earlier rule does)"
+                f"{spec.where}.rules[{i}]: pattern {r.pattern!r} places no parameter (none matches before an earlier "
+                "rule does)"
             )
     for i, n in enumerate(frozen_hits):
         if n == 0:
-            raise UserError(f"groups.frozen[{i}]: pattern {spec.frozen[i]!r} matches no parameter")
+            raise UserError(f"{spec.where}.frozen[{i}]: pattern {spec.frozen[i]!r} matches no parameter")
     return Grouping(groups, frozen)

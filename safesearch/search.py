@@ -706,6 +706,26 @@ class Worker:
         self.grafted.close()
 
 
+def check_anchor(spec: StudySpec, tasks: Mapping[str, Task]) -> None:
+    """From the anchor's config.json, before any model loads: the spec's backend can run the anchor (the
+    transformers backend runs only classes transformers has), and the anchor takes images where a suite
+    shows them; otherwise the first trial would fail after minutes of loading."""
+    from safesearch.backends.models import check_native, read_model_config, takes_images
+
+    anchor = spec.graft.checkpoints[spec.graft.anchor]
+    images = takes_images(anchor.path)
+    if spec.backend == "transformers":
+        check_native(anchor.path, read_model_config(anchor.path))
+    if images:
+        return
+    for t in tasks.values():
+        if t.suite.attack != "direct" or any(it.image is not None for it in t.items):
+            how = {"figstep": " (a FigStep suite: requests typed into images)",
+                   "qr": " (a query-relevant image attack)"}.get(t.suite.attack, "")
+            raise UserError(f"{spec_where(spec)}: suite '{t.suite.name}' shows images{how}, but the anchor "
+                            f"{spec.graft.anchor} at '{anchor.path}' takes text only")
+
+
 def open_worker(
     spec: StudySpec, *, device: str | None = None, artifact_store: Any = None, space: SearchSpace | None = None
 ) -> Worker:

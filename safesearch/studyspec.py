@@ -64,7 +64,7 @@ from typing import Any
 
 from safesearch.errors import UserError
 from safesearch.grafted import BACKENDS
-from safesearch.graftspec import GraftSpec, load_spec, spec_from_dict
+from safesearch.graftspec import GraftSpec, graft_field
 from safesearch.storage import DEFAULT_MAX_RETRIES
 from safesearch.suites import Suite, default_data_root, load_suite
 from safesearch.textfiles import read_yaml
@@ -312,7 +312,7 @@ def study_spec_from_dict(
         raise f.fail("name", f"{name!r} is not a valid study name (letters, digits, _ . -)")
     description = f.get("description", str, "")
 
-    graft = _graft(f.get("graft", (str, dict), required=True), base, f"{where}: graft")
+    graft = graft_field(f.get("graft", (str, dict), required=True), base, f"{where}: graft")
     root_raw = f.get("data_root", str, None)
     data_root = _path(root_raw, base) if root_raw is not None else default_data_root().resolve()
 
@@ -370,16 +370,6 @@ def study_spec_from_dict(
 
 
 # -- sections --------------------------------------------------------------------------------------------
-
-
-def _graft(raw: str | dict, base: Path, where: str) -> GraftSpec:
-    if isinstance(raw, str):
-        path = _path(raw, base)
-        try:
-            return load_spec(path)
-        except UserError as e:
-            raise UserError(f"{where}: {e.message}") from None
-    return spec_from_dict(raw, base_dir=base, where=where)
 
 
 def _search(f: _Fields, graft: GraftSpec) -> dict[str, VectorSearch]:

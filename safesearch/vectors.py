@@ -172,6 +172,15 @@ def vector_names(sources: Sources, v: VectorSpec) -> list[str]:
             f"vector {v.name}: architecture mismatch: {v.plus} is {a.architecture}, {v.minus} is {b.architecture}"
         )
     ma, mb = sources.mapped[v.plus], sources.mapped[v.minus]
+    maps = {c: dict(sources.spec.checkpoints[c].prefix_map) for c in (v.plus, v.minus)}
+    if maps[v.plus] != maps[v.minus] and ma.keys() != mb.keys() and (
+        {own for own, _ in ma.values()} == {own for own, _ in mb.values()}
+    ):  # same model names on disk, renamed on one side only: the maps, not the models, disagree
+        raise UserError(
+            f"vector {v.name}: {v.plus} and {v.minus} have the same parameter names but different prefix_maps "
+            f"({maps[v.plus] or 'none'} vs {maps[v.minus] or 'none'}): the two sides of a vector need the same "
+            f"prefix_map; give checkpoints.{v.plus} and .{v.minus} the same one"
+        )
     for x, y, mx, my in ((v.plus, v.minus, ma, mb), (v.minus, v.plus, mb, ma)):
         extra = [n for n in mx if n not in my]
         if extra:

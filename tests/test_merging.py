@@ -11,6 +11,7 @@ from tiny_models import (
     build_tiny_llama,
     build_tiny_llava,
     build_tiny_qwen2,
+    build_tiny_qwen2_5_vl,
     build_tiny_qwen2_vl,
     finetuned_copy,
     graft_spec_dict,
@@ -133,7 +134,8 @@ def test_bind_refuses_a_model_of_another_architecture(family, merger, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("text_builder", "image_text_builder"), [(build_tiny_llama, build_tiny_llava), (build_tiny_qwen2, build_tiny_qwen2_vl)]
+    ("text_builder", "image_text_builder"),
+    [(build_tiny_llama, build_tiny_llava), (build_tiny_qwen2, build_tiny_qwen2_vl), (build_tiny_qwen2, build_tiny_qwen2_5_vl)],
 )
 def test_text_vector_onto_the_language_model_of_an_image_text_model(tmp_path, text_builder, image_text_builder):
     anchor = image_text_builder(tmp_path / "anchor", seed=6)
@@ -175,6 +177,27 @@ def test_text_vector_without_prefix_map_suggests_one(tmp_path):
     })
     with pytest.raises(UserError, match=r"prefix_map: \{'model.': 'model.language_model.'\}"):
         Merger.from_spec(spec, device="cpu")
+
+
+def test_prefix_map_on_one_side_of_a_vector_is_named(tmp_path):
+    """Qwen2.5-7B-Instruct's vector onto Qwen2.5-VL with the map given to one of its two checkpoints: the
+    maps disagree, not the architectures."""
+    anchor = build_tiny_qwen2_5_vl(tmp_path / "anchor", seed=9)
+    unaligned = build_tiny_qwen2(tmp_path / "unaligned", seed=10)
+    aligned = finetuned_copy(unaligned, tmp_path / "aligned", seed=11)
+    spec = spec_from_dict({
+        "anchor": "anchor",
+        "checkpoints": {"anchor": str(anchor), "unaligned": str(unaligned),
+                        "aligned": {"path": str(aligned), "prefix_map": {"model.": "model.language_model."}}},
+        "vectors": {"safety": {"diff": "aligned - unaligned"}},
+    })
+    with pytest.raises(UserError) as e:
+        Merger.from_spec(spec, device="cpu")
+    assert "architecture mismatch" not in str(e.value)
+    assert str(e.value) == (
+        "vector safety: aligned and unaligned have the same parameter names but different prefix_maps "
+        "({'model.': 'model.language_model.'} vs none): the two sides of a vector need the same prefix_map; "
+        "give checkpoints.aligned and .unaligned the same one")
 
 
 def test_frozen_parameters_are_never_written(family):

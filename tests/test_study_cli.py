@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 import pytest
+from cli_run import run_cli
 from optuna.trial import TrialState
 from study_world import spec_dict, write_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -28,13 +29,7 @@ from safesearch.studyspec import load_study_spec
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, *args)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from PIL import Image
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
-    AutoProcessor,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -29,16 +28,27 @@ from transformers import (
 )
 
 from safesearch.backends.base import OnBatch, PromptLike, StopRule, as_prompt
+from safesearch.backends.models import check_native, read_model_config, takes_images
+from safesearch.backends.processors import load_processor
 from safesearch.errors import UserError
 
 
 @dataclass
 class _Encoded:
-    """A rendered prompt as token ids, plus the model inputs its images became (pixel values, ...)."""
+    """A rendered prompt as token ids, plus the model inputs its images became: per image (pixel values,
+    grid sizes) and per token (Qwen2-VL's ``mm_token_type_ids``: which tokens are image placeholders)."""
 
     text: str
     ids: list[int]
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)  # 1-D, one value per id
+
+    def extended(self, continuation: list[int]) -> _Encoded:
+        """The prompt followed by ``continuation`` (text tokens: per-token inputs 0 there, as the
+        processor gives text tokens)."""
+        pad = len(continuation)
+        per_token = {k: torch.cat([v, v.new_zeros(pad)]) for k, v in self.per_token.items()}
+        return _Encoded(self.text, self.ids + continuation, self.images, per_token)
 
 
 def _load_image(img: Image.Image | Path) -> Image.Image:
@@ -128,37 +138,32 @@ class TransformersBackend:
 
     @staticmethod
     def takes_images(path: str | Path) -> bool:
-        """Whether the checkpoint at ``path`` is an image-text model (its config has a vision part),
-        read from config.json alone, so that a suite needing images fails before a long load."""
-        from safesearch.textfiles import read_json
-
-        config_file = Path(path) / "config.json"
-        if not config_file.is_file():
-            raise UserError(f"model directory '{path}' has no config.json")
-        config = read_json(config_file, "model config")
-        if not isinstance(config, dict):
-            raise UserError(f"model config {config_file}: not a JSON object")
-        return "vision_config" in config
+        """Whether the checkpoint at ``path`` is an image-text model, read from config.json alone, so that a
+        suite needing images fails before a long load (see :mod:`safesearch.backends.models`)."""
+        return takes_images(path)
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, batch_size: int = 64
     ) -> TransformersBackend:
         """Load a checkpoint directory: an image-text model (its config has a vision part) with its
-        processor, else a causal LM with its tokenizer."""
+        processor (without torchvision: no video processor, see :mod:`safesearch.backends.processors`),
+        else a causal LM with its tokenizer."""
         path = Path(path)
-        vision = cls.takes_images(path)
+        config = read_model_config(path)
+        check_native(path, config)
         try:
-            if vision:
-                processor = AutoProcessor.from_pretrained(path)
+            if "vision_config" in config:
+                processor = load_processor(path, config.get("model_type"))
                 _check_chat_template(path, processor.tokenizer, processor)
                 model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto")
                 return cls(model.to(device), processor=processor, batch_size=batch_size)
             tokenizer = AutoTokenizer.from_pretrained(path)
             _check_chat_template(path, tokenizer, None)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"could not load the model at '{path}': {str(e).splitlines()[0]}") from None
+        except (OSError, ValueError, KeyError, ImportError) as e:
+            # ImportError: a processor part that needs a package this install lacks (named in the message).
+            raise UserError(f"could not load the model at '{path}': {str(e).strip().splitlines()[0]}") from None
         return cls(model.to(device), tokenizer, batch_size=batch_size)
 
     @property
@@ -193,35 +198,38 @@ class TransformersBackend:
             add_special_tokens=False,
         )
         ids = enc["input_ids"][0].tolist()
-        extras = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-        return _Encoded(text, ids, extras)
+        images: dict[str, torch.Tensor] = {}
+        per_token: dict[str, torch.Tensor] = {}
+        for k, v in enc.items():
+            if k in ("input_ids", "attention_mask"):
+                continue
+            if v.dim() == 2 and v.shape == (1, len(ids)) and not v.is_floating_point():
+                per_token[k] = v[0]
+            else:
+                images[k] = v
+        return _Encoded(text, ids, images, per_token)
 
-    def _batch(
-        self, rows: list[list[int]], extras: list[dict[str, torch.Tensor]]
-    ) -> tuple[dict[str, torch.Tensor], int]:
-        """Left-padded model inputs for ``rows`` (token ids) and their image inputs; returns the width."""
-        width = max(len(r) for r in rows)
+    def _batch(self, rows: list[_Encoded]) -> tuple[dict[str, torch.Tensor], int]:
+        """Left-padded model inputs for ``rows``: ids, mask, per-token inputs padded like the ids (0), and
+        per-image inputs stacked along the first axis in row order; returns the width."""
+        width = max(len(r.ids) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
+            ids[i, width - len(r.ids) :] = torch.tensor(r.ids, dtype=torch.long)
+            mask[i, width - len(r.ids) :] = 1
         inputs: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
         if self._own_positions:
             inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        for key in sorted({k for e in extras for k in e}):
-            parts = [e[key] for e in extras if key in e]
-            if (
-                all(t.dim() == 2 and t.shape[0] == 1 for t in parts)
-                and len(parts) == len(rows)
-                and all(t.shape[1] == len(r) for t, r in zip(parts, rows, strict=True))
-            ):  # a per-token input (e.g. token type ids): pad like the ids
-                padded = torch.zeros((len(rows), width), dtype=parts[0].dtype)
-                for i, t in enumerate(parts):
-                    padded[i, width - t.shape[1] :] = t[0]
-                inputs[key] = padded
-            else:  # per-image inputs stack along the first axis, in row order
-                inputs[key] = torch.cat(parts, dim=0)
+        for key in sorted({k for r in rows for k in r.per_token}):
+            dtype = next(r.per_token[key].dtype for r in rows if key in r.per_token)
+            padded = torch.zeros((len(rows), width), dtype=dtype)
+            for i, r in enumerate(rows):
+                if key in r.per_token:  # a text-only row of a mixed batch: all zeros, as for text tokens
+                    padded[i, width - len(r.ids) :] = r.per_token[key]
+            inputs[key] = padded
+        for key in sorted({k for r in rows for k in r.images}):
+            inputs[key] = torch.cat([r.images[key] for r in rows if key in r.images], dim=0)
         return {k: v.to(self.device) for k, v in inputs.items()}, width
 
     def _eos_ids(self) -> list[int]:
@@ -257,7 +265,7 @@ class TransformersBackend:
 
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            inputs, width = self._batch([encoded[i].ids for i in idx], [encoded[i].extras for i in idx])
+            inputs, width = self._batch([encoded[i] for i in idx])
             criteria = None
             if stop is not None:
                 criteria = StoppingCriteriaList([_StopWhenDecided(decode, width, stop, len(idx))])
@@ -305,9 +313,7 @@ class TransformersBackend:
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             keep = max(len(rows[i][1]) for i in idx) + 1  # continuation token t is predicted at t - 1
-            inputs, _ = self._batch(
-                [rows[i][0].ids + rows[i][1] for i in idx], [rows[i][0].extras for i in idx]
-            )
+            inputs, _ = self._batch([rows[i][0].extended(rows[i][1]) for i in idx])
             if self._keeps_logits:
                 logits = self.model(**inputs, logits_to_keep=keep).logits
             else:

@@ -39,8 +39,11 @@ whole unsharded anchor and vectors; run one worker per GPU instead (they share t
 
 In-process engines share vLLM's process-wide distributed state, which an engine's shutdown tears down:
 :meth:`VLLMBackend.close` restores it for the engines still open (close them, do not just drop them).
-vLLM's own LLaVA-style image-text classes need torchvision, which this machine's install lacks: image
-prompts are implemented but tested on the transformers backend only.
+vLLM's image-text model classes for LLaVA, Qwen2-VL and Qwen2.5-VL (Lingshu, HuatuoGPT-Vision) and most
+others import transformers' torchvision image processors, and vLLM builds the model's full HF processor (a
+Qwen video processor needs torchvision too): where torchvision is missing (this repository's CPU install),
+:func:`check_architecture` refuses such a model in one line before any engine starts. Image prompts are
+implemented, tested here on the transformers backend and on vLLM in ``benchmarks/gpu_check.py`` (CUDA).
 """
 
 from __future__ import annotations
@@ -82,11 +85,22 @@ _UNPLACED = re.compile(r"no module or parameter named '([^']+)'")
 # -- vLLM itself -----------------------------------------------------------------------------------------
 
 
+class _DropCPUTritonNotice(logging.Filter):
+    """Drops vLLM's import-time "Triton is installed, but doesn't include CPU backend" (the CPU build's
+    packaging, nothing a user can act on, printed on every command; a refusal would not be one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Triton is installed, but doesn't include CPU backend")
+
+
 def import_vllm() -> Any:
     """``vllm``, imported in-process and quietly (both overridable through the environment)."""
     # In-process engine: the merger lives next to the worker (no copy of the weights across processes).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    triton_logger = logging.getLogger("vllm.triton_utils.importing")
+    if not any(isinstance(f, _DropCPUTritonNotice) for f in triton_logger.filters):
+        triton_logger.addFilter(_DropCPUTritonNotice())
     try:
         import vllm
     except ImportError as e:
@@ -105,7 +119,12 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def check_architecture(path: Path, config: Mapping[str, Any], registry: Any, version: str) -> None:
-    """Refuse, before any loading, a model whose architecture this vLLM does not implement or cannot import."""
+    """Refuse, before any loading, a model whose architecture this vLLM does not implement or cannot import.
+
+    Importing the model class is the test: vLLM's image-text classes (LLaVA, Qwen2-VL, Qwen2.5-VL and most
+    others) import transformers' torchvision image processors, so where torchvision is missing they fail
+    here, and the refusal says so (vLLM's processing of such a model needs torchvision as well: it builds
+    the model's full HF processor, whose Qwen video processor needs torchvision)."""
     archs = config.get("architectures") or []  # none named: vLLM goes by model_type
     for arch in archs:
         if arch not in registry.get_supported_archs():
@@ -114,12 +133,36 @@ def check_architecture(path: Path, config: Mapping[str, Any], registry: Any, ver
                 "(use --backend transformers)"
             )
         try:
-            registry.models[arch].load_model_cls()
-        except ImportError as e:  # e.g. vLLM's LLaVA imports torchvision
+            # transformers' "`...ImageProcessor` requires torchvision; falling back to ...Pil" notes, printed
+            # while vLLM's module imports, are noise beside the one line below
+            with _transformers_quiet():
+                registry.models[arch].load_model_cls()
+        except ImportError as e:
+            missing = (getattr(e, "name", None) or "").partition(".")[0]
+            if missing == "torchvision" or "torchvision" in str(e).lower():
+                raise UserError(
+                    f"vLLM {version} cannot serve the model at '{path}' here: vLLM's {arch} and its image "
+                    "processing need torchvision, which this install lacks; use --backend transformers (it "
+                    "needs torchvision for video inputs only), or a CUDA install of vLLM, which brings "
+                    "torchvision (pip install -e '.[vllm]')"
+                ) from None
             raise UserError(
                 f"vLLM's model class for architecture '{arch}' cannot be imported here ({e}); "
                 "install what it needs or use --backend transformers"
             ) from None
+
+
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' warnings silenced for the duration (its errors still show)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def checkpoint_dtype(config: Mapping[str, Any]) -> str:
@@ -284,7 +327,7 @@ class VLLMBackend:
         check_architecture(path, config, vllm.ModelRegistry, vllm.__version__)
         fields = engine_fields(vllm)
         opts = engine_options(options, fields, cpu=current_platform.is_cpu(), dtype=checkpoint_dtype(config))
-        tokenizer, processor = load_tokenizer(path, "vision_config" in config)
+        tokenizer, processor = load_tokenizer(path, config)
         llm = start_engine(vllm, path, opts)
         return cls(
             llm, tokenizer, processor=processor, eos_ids=eos_token_ids(path, config, tokenizer), stop_chunk=stop_chunk
@@ -481,17 +524,21 @@ def _continuation_logprob(result: Any, cont: list[int]) -> tuple[float, int]:
     return total, len(cont)
 
 
-def load_tokenizer(path: Path, vision: bool) -> tuple[Any, Any | None]:
-    """The checkpoint's tokenizer, and its processor for an image-text model (as the transformers backend)."""
-    from transformers import AutoProcessor, AutoTokenizer
+def load_tokenizer(path: Path, config: Mapping[str, Any]) -> tuple[Any, Any | None]:
+    """The checkpoint's tokenizer, and its processor for an image-text model (a config with a vision part),
+    loaded as the transformers backend loads it (:func:`~safesearch.backends.processors.load_processor`)."""
+    from transformers import AutoTokenizer
+
+    from safesearch.backends.processors import load_processor
 
     try:
-        if vision:
-            processor = AutoProcessor.from_pretrained(path)
+        if "vision_config" in config:
+            processor = load_processor(path, config.get("model_type"))
             return processor.tokenizer, processor
         return AutoTokenizer.from_pretrained(path), None
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"could not load the tokenizer at '{path}': {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        # ImportError: a processor part that needs a package this install lacks (named in the message).
+        raise UserError(f"could not load the tokenizer at '{path}': {str(e).strip().splitlines()[0]}") from None
 
 
 def eos_token_ids(path: Path, config: Mapping[str, Any], tokenizer: Any) -> list[int]:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from safesearch.devices import check_device
-from safesearch.graftspec import load_spec
+from safesearch.graftspec import load_graft, load_spec
 from safesearch.grouping import group_parameters
 from safesearch.outputs import check_output_dir
 from safesearch.vectors import open_sources
@@ -18,8 +18,9 @@ from safesearch.vectors import open_sources
 @click.command("groups")
 @click.argument("spec", type=click.Path(path_type=Path))
 def groups(spec: Path) -> None:
-    """Print the module groups of SPEC's anchor with their parameter counts (reads headers only)."""
-    s = load_spec(spec)
+    """Print the module groups of SPEC's anchor with their parameter counts (reads headers only).
+    SPEC is a graft spec or a study spec (its graft)."""
+    s = load_graft(spec)
     sources = open_sources(s)
     layout = sources.anchor.layout
     grouping = group_parameters(layout.parameters, s.groups)

@@ -68,17 +68,20 @@ def _fmt(x: Any) -> str:
 def _plan(spec: StudySpec) -> tuple[Any, dict[str, Any]]:
     """What can be checked before anything is loaded or stored: every suite's items are read (a missing
     data file), the checkpoints' headers (a missing or corrupt checkpoint), the search space and its
-    ranges. Returns the search space and the record of the search items read (``items_record``), which
-    the study keeps at creation and compares when joining."""
+    ranges, the anchor's config (a backend that cannot run it, images it cannot take). Returns the search
+    space and the record of the search items read (``items_record``), which the study keeps at creation
+    and compares when joining."""
     from safesearch.evaluate import attack_notes
-    from safesearch.search import items_record, prepare_tasks, search_refs, search_space
+    from safesearch.search import check_anchor, items_record, prepare_tasks, search_refs, search_space
 
     _quiet_transformers()
     tasks = prepare_tasks(search_refs(spec), spec.data_root)
     err = Console(stderr=True, soft_wrap=True)
     for note in dict.fromkeys(n for t in tasks.values() for n in attack_notes(t.suite, t.items)):
         err.print(f"note: {note}", markup=False)
-    return search_space(spec), items_record(tasks)
+    space = search_space(spec)  # the checkpoints' headers first: they name a missing anchor best
+    check_anchor(spec, tasks)
+    return space, items_record(tasks)
 
 
 def _check_before_loading(spec: StudySpec, storage_url: str | None, device: str | None,

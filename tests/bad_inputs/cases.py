@@ -311,6 +311,26 @@ eval_model("config without architectures or sizes", _ckpt_with(_bad_config('{"mo
 eval_model("chat template does not render", lambda ws, d: write(
     ws.copy_checkpoint("medical", d / "tmpl") / "chat_template.jinja", "{% for %}").parent, "chat template")
 
+# Releases built on their own code (LLaVA-Med v1.5, the original HuatuoGPT-Vision and LLaVA): config.json as theirs.
+LLAVA_MED = {"model_type": "llava_mistral", "architectures": ["LlavaMistralForCausalLM"],
+             "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu"}
+
+
+def _release_config(ws: Any, d: Path, extra: dict[str, Any], name: str = "medical") -> Path:
+    c = ws.copy_checkpoint(name, d / f"release-{name}")
+    config = json.loads((c / "config.json").read_text())
+    (c / "config.json").write_text(json.dumps({**config, **extra}))
+    return c
+
+
+eval_model("custom-code release (LLaVA-Med v1.5)", lambda ws, d: _release_config(ws, d, LLAVA_MED),
+           ("llava_mistral", "llava-hf"))
+eval_model("original LLaVA code under a known model type", lambda ws, d: _release_config(ws, d, {
+    "model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"], "mm_vision_tower": "clip"}),
+    ("LlavaLlamaForCausalLM", "llava-hf"))
+eval_model("architecture class transformers lacks", lambda ws, d: _release_config(ws, d, {
+    "architectures": ["MedLlamaForCausalLM"]}), "MedLlamaForCausalLM")
+
 
 def eval_suite(name: str, suite: Callable[[Any, Path], str], named: Any, model: str = "medical",
                extra: Sequence[str] = ()) -> None:
@@ -552,6 +572,19 @@ study_edit("split empty", [(("constraints", 0, "split"), "")], "split")
 study_edit("data_root missing", lambda ws, d: [(("data_root",), str(d / "nodata"))], "nodata")
 study_edit("max_retries negative", [(("max_retries",), -1)], "max_retries")
 study_edit("description a list", [(("description",), ["a"])], "description")
+# A family of such releases (its vectors merge: the graft reads tensors), but no backend runs the anchor.
+study_edit("anchor a custom-code release", lambda ws, d: [(("graft",), {**ws.graft_dict(), "checkpoints": {
+    n: str(_release_config(ws, d, LLAVA_MED, n)) for n in ("aligned", "unaligned", "medical")}})],
+    ("llava_mistral", "llava-hf"))
+
+
+def _figstep_objective(ws: Any, d: Path) -> list:
+    suite = ws.write_yaml(d / "figstep.yaml", {"metric": "safety", "attack": "figstep", "dataset": {
+        "format": "jsonl", "path": "data/{split}/harmful_general.jsonl", "split": "holdout"}})
+    return [(("objectives", 0, "suites"), [str(suite)])]
+
+
+study_edit("FigStep objective on a text-only anchor", _figstep_objective, ("figstep", "takes text only"))
 
 
 def storage_case(commands: Sequence[str], name: str, url: Callable[[Any, Path], str] | str, named: Any,
