@@ -198,6 +198,36 @@ def _prompts(suite: Suite, items: Sequence[Item], image_cache: Path) -> list[str
     return [Prompt(it.text, images=(it.image,)) if it.image is not None else it.text for it in items]
 
 
+def exchanges(suite: Suite, items: Sequence[Item], result: SuiteResult, image_cache: Path | None,
+              label: str | None = None) -> list[dict[str, Any]]:
+    """One flat row per item: what the model was asked (the user turn's text, the image shown; for an
+    attack, the request it disguises) and how it answered and was scored. ``label`` names the suite
+    (default: its name). Attack images are the cached ones: nothing is rendered again."""
+    if suite.metric in ("mcq_loglik", "mcq_generate"):
+        asked: list[str | Prompt] = [
+            Prompt(mcq_user_text(it.text, it.options or ()), images=(it.image,) if it.image is not None else ())
+            for it in items
+        ]
+    else:
+        asked = _prompts(suite, items, image_cache or Path("."))
+    rows = []
+    for it, p, o in zip(items, asked, result.items, strict=True):
+        prompt = p if isinstance(p, Prompt) else Prompt(p)
+        row: dict[str, Any] = {"suite": label or suite.name, "id": it.id, "prompt": prompt.text}
+        if prompt.images:
+            image = prompt.images[0]
+            row["image"] = Path(image).name if isinstance(image, Path | str) else "(in memory)"
+        if suite.attack != "direct":
+            row["request"] = it.text
+        row.update({k: v for k, v in o.as_dict().items() if k != "id"})
+        if it.options and o.choice is not None:  # the options as the prompt lettered them
+            row["chosen"] = mcq_answer_text(it.options, o.choice)
+            if isinstance(it.answer, int):
+                row["gold"] = mcq_answer_text(it.options, it.answer)
+        rows.append(row)
+    return rows
+
+
 def attack_notes(suite: Suite, items: Sequence[Item]) -> list[str]:
     """What a user should know about how the suite's attack is delivered (printed, never silent)."""
     if suite.attack == "qr":

@@ -1,4 +1,4 @@
-"""Reading a study: its trials as plain records, the Pareto front, the picks, the plot.
+"""Reading a study: its trials as plain records, the Pareto front, the picks (the plot: safesearch.frontplot).
 
 The front is computed from each trial's ``scores`` user attr (the objectives on the search split), not
 from Optuna's values, so that the single-objective mode (CMA-ES on a weighted sum) has a front too. Only
@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -60,6 +59,7 @@ class TrialRecord:
 
 def records(study: optuna.Study, states: Sequence[TrialState] = (TrialState.COMPLETE,)) -> list[TrialRecord]:
     """The study's trials (COMPLETE by default) as records, with their holdout scores where validated."""
+    from safesearch.dashboard import named_constraints
     from safesearch.search import BASELINE_ATTR, HOLDOUT_TRIAL
 
     attrs = study.user_attrs
@@ -71,7 +71,7 @@ def records(study: optuna.Study, states: Sequence[TrialState] = (TrialState.COMP
                 number=t.number,
                 state=t.state.name,
                 scores=dict(u.get("scores", {})),
-                constraints=dict(t.constraints),
+                constraints=named_constraints(t.constraints),
                 constraint_scores=dict(u.get("constraint_scores", {})),
                 baseline=u.get(BASELINE_ATTR),
                 coefficients=u.get("coefficients", {}),
@@ -164,66 +164,3 @@ def front_covers(fr: Sequence[TrialRecord], baseline: TrialRecord, directions: M
         )
 
     return any(at_least(a) for a in fr)
-
-
-# -- the plot --------------------------------------------------------------------------------------------
-
-
-def plot_front(
-    rs: Sequence[TrialRecord],
-    directions: Mapping[str, str],
-    out: Path,
-    title: str,
-    references: Mapping[str, Mapping[str, float]] | None = None,
-) -> Path:
-    """A PNG of the first two objectives: every trial, the front joined up, baselines and reference
-    checkpoints (their holdout scores, when validated) marked. Written to a temp file, then renamed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(directions)
-    if len(names) < 2:
-        names = names * 2
-    x_name, y_name = names[0], names[1]
-    fr = front(rs, directions)
-    on_front = {r.number for r in fr}
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
-    plain = [r for r in rs if not r.baseline and r.scores]
-    ax.scatter(
-        [r.scores[x_name] for r in plain if r.feasible],
-        [r.scores[y_name] for r in plain if r.feasible],
-        s=22, c="#9aa5b1", label="trials",
-    )
-    infeasible = [r for r in plain if not r.feasible]
-    if infeasible:
-        ax.scatter([r.scores[x_name] for r in infeasible], [r.scores[y_name] for r in infeasible],
-                   s=22, marker="x", c="#c9ced4", label="infeasible")
-    pts = sorted((r.scores[x_name], r.scores[y_name]) for r in fr)
-    if pts:
-        ax.plot(*zip(*pts, strict=True), "-o", c="#d1495b", ms=6, lw=1.5, label="Pareto front")
-    base = [r for r in rs if r.baseline and r.scores]
-    if base:
-        ax.scatter([r.scores[x_name] for r in base], [r.scores[y_name] for r in base],
-                   s=60, marker="D", facecolors="none", edgecolors="#00798c", lw=1.5, label="baselines")
-        for r in base:
-            mark = ("*" if r.number in on_front else "") + ("" if r.feasible else " (infeasible)")
-            ax.annotate(r.baseline + mark, (r.scores[x_name], r.scores[y_name]), fontsize=7,
-                        xytext=(4, -10), textcoords="offset points", color="#00798c")
-    for name, sc in (references or {}).items():
-        if x_name in sc and y_name in sc:
-            ax.scatter([sc[x_name]], [sc[y_name]], s=70, marker="s", c="#edae49")
-            ax.annotate(f"{name} (holdout)", (sc[x_name], sc[y_name]), fontsize=7, xytext=(4, 4),
-                        textcoords="offset points")
-    ax.set_xlabel(f"{x_name} ({directions[x_name]}, search split)")
-    ax.set_ylabel(f"{y_name} ({directions[y_name]}, search split)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(out)
-    return out

@@ -9,8 +9,13 @@ search split, record, tell. What a trial records:
 - user attrs ``scores`` (objective -> value on the search split), ``constraint_scores`` (constraint ->
   value), ``suites`` (suite@split -> its metrics), ``coefficients`` (the whole table), ``seconds``
   (``merge``, ``eval``), ``worker``; a baseline also ``baseline`` (``zero``, ``lambda=0.5``);
-- its constraints through ``trial.set_constraint`` (<= 0 is feasible), which Optuna's samplers read;
-- an artifact ``responses-<trial>.json``: every item's response, verdict or chosen option.
+- its constraints through ``trial.set_constraint`` (<= 0 is feasible), which Optuna's samplers read, and
+  as the list optuna-dashboard reads (:mod:`safesearch.dashboard`);
+- a note (optuna-dashboard's): the baseline it is, scores per suite, coefficients, sample exchanges;
+- an artifact ``responses-<trial>.jsonl``: one row per item, its prompt beside its response, verdict or
+  chosen option (optuna-dashboard previews it as a table).
+
+The study's objectives name Optuna's values (``set_metric_names``).
 
 Optuna's values are the objectives in the spec's order, or, for ``cmaes-weighted``, their weighted sum
 (minimised objectives negated): the front is always read from the ``scores`` attr (:mod:`safesearch.pareto`).
@@ -45,9 +50,16 @@ from optuna.trial import TrialState
 
 from safesearch import interrupts
 from safesearch.backends.base import Backend
+from safesearch.dashboard import (
+    record_constraint_list,
+    samples_section,
+    save_trial_note,
+    scores_section,
+    trial_note,
+)
 from safesearch.datasets import Item
 from safesearch.errors import UserError
-from safesearch.evaluate import SuiteResult, build_judge, evaluate, image_cache_dir, load_items
+from safesearch.evaluate import SuiteResult, build_judge, evaluate, exchanges, image_cache_dir, load_items
 from safesearch.judges import Judge
 from safesearch.merging import Coefficients
 from safesearch.splits import ids_digest
@@ -243,6 +255,11 @@ def prepare_tasks(
     return tasks
 
 
+def exchange_rows(task: Task, result: SuiteResult) -> list[dict[str, Any]]:
+    """The task's exchanges (:func:`safesearch.evaluate.exchanges`), named by the task's key."""
+    return exchanges(task.suite, task.items, result, task.image_cache, label=task.key)
+
+
 def items_record(tasks: Mapping[str, Task]) -> dict[str, dict[str, Any]]:
     """What each task scores, as a study keeps it: the suite, the split, n and the ids' digest."""
     return {
@@ -321,6 +338,17 @@ def score_all(spec: StudySpec, results: Mapping[str, SuiteResult], holdout: bool
         "constraints": {c.name: c.violation(cons[c.name]) for c in spec.constraints},
         "suites": {k: dict(r.metrics) for k, r in results.items()},
     }
+
+
+def constraint_bounds(spec: StudySpec) -> dict[str, str]:
+    """Each constraint's bound as words ("max 0.1"), for notes and tables."""
+    return {c.name: f"max {c.max:g}" if c.max is not None else f"min {c.min:g}" for c in spec.constraints}
+
+
+def feasible(scored: Mapping[str, Any]) -> bool | None:
+    """Whether :func:`score_all`'s constraints all hold (None: the spec has none)."""
+    violations = scored["constraints"].values()
+    return all(v <= 0 for v in violations) if violations else None
 
 
 def objective_values(spec: StudySpec, scores: Mapping[str, float]) -> list[float]:
@@ -428,6 +456,7 @@ def ensure_study(
     if created:
         try:
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
+            name_metrics(study, spec)
             study.set_user_attr("objectives", {o.name: o.direction for o in spec.objectives})
             study.set_user_attr("sampler", spec.sampler.name)
             study.set_user_attr(SEARCH_ITEMS_ATTR, dict(searched) if searched is not None else search_items(spec))
@@ -452,7 +481,18 @@ def ensure_study(
             )
         time.sleep(0.5)
     check_joinable(study, spec, searched)
+    if not study.metric_names:  # a study created before its objectives were named
+        name_metrics(study, spec)
     return study, False
+
+
+def name_metrics(study: optuna.Study, spec: StudySpec) -> None:
+    """Optuna's values named by the spec's objectives (optuna-dashboard's axes and columns)."""
+    from safesearch.dashboard import metric_names
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        study.set_metric_names(metric_names([o.name for o in spec.objectives], spec.single_objective))
 
 
 def check_joinable(study: optuna.Study, spec: StudySpec, searched: Mapping[str, Any] | None = None) -> None:
@@ -592,6 +632,9 @@ class Worker:
             for name, violation in scored["constraints"].items():
                 if not math.isnan(violation):
                     trial.set_constraint(name, violation)
+            violations = list(scored["constraints"].values())
+            if violations and not any(math.isnan(v) for v in violations):
+                record_constraint_list(trial, violations)  # where optuna-dashboard reads them
             attrs = {
                 "scores": scored["scores"],
                 "constraint_scores": scored["constraint_scores"],
@@ -601,8 +644,14 @@ class Worker:
             }
             for k, v in attrs.items():
                 trial.set_user_attr(k, v)
+            rows = [row for key, t in self.tasks.items() for row in exchange_rows(t, results[key])]
+            save_trial_note(study, trial._trial_id, trial_note(
+                trial.number, trial.user_attrs.get(BASELINE_ATTR),
+                scores_section("### Search split", scored["scores"], scored["constraint_scores"],
+                               constraint_bounds(self.spec), scored["suites"], feasible(scored)),
+                coefs, samples_section(rows)))
             if self.artifact_store is not None:
-                self._upload_responses(trial, coefs, results)
+                self._upload_responses(trial, rows)
             t4 = time.perf_counter()
             values = objective_values(self.spec, scored["scores"])
             with warnings.catch_warnings():
@@ -624,22 +673,19 @@ class Worker:
             trial.number, TrialState.COMPLETE, values, scored["scores"], trial.user_attrs.get(BASELINE_ATTR), seconds
         )
 
-    def _upload_responses(self, trial: optuna.Trial, coefs: Coefficients, results: Mapping[str, SuiteResult]) -> None:
-        payload = {
-            "trial": trial.number,
-            "coefficients": coefs,
-            "suites": {k: r.as_dict() for k, r in results.items()},
-        }
+    def _upload_responses(self, trial: optuna.Trial, exchanges: Sequence[Mapping[str, Any]]) -> None:
+        """Every item's exchange as ``responses-<trial>.jsonl``: one flat row per item (suite, id, prompt,
+        image, response or choice, verdict, answer), which optuna-dashboard previews as a table."""
         with tempfile.TemporaryDirectory(prefix="safesearch-artifact-") as d:
-            path = Path(d) / f"responses-{trial.number}.json"
-            path.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+            path = Path(d) / f"responses-{trial.number}.jsonl"
+            path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in exchanges))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 upload_artifact(
                     artifact_store=self.artifact_store,
                     file_path=str(path),
                     study_or_trial=trial,
-                    mimetype="application/json",
+                    mimetype="application/jsonl",
                 )
 
     def work(

@@ -1,42 +1,24 @@
-"""``safesearch dashboard``: the real command serves optuna-dashboard on loopback, read over HTTP."""
+"""``safesearch dashboard`` on a real study (made by `safesearch run` and `validate`), read over HTTP through
+optuna-dashboard's own JSON API: objective names, the feasible front as best trials, every trial's
+constraint values, notes and previewable responses. (tests/test_dashboard_browser.py renders the pages.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import socket
-import subprocess
-import sys
 import urllib.request
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
+from cli_run import run_cli
+from dashboard_study import make_dashboard_study, served_dashboard
+from optuna_dashboard._pareto_front import get_pareto_front_trials
 
 from safesearch.cli import main
-from safesearch.storage import artifact_store_for, open_storage, open_study
-
-SAFESEARCH = str(Path(sys.executable).with_name("safesearch"))
-
-
-def _study_with_artifact(url: str, artifacts: Path) -> tuple[optuna.Study, str, bytes]:
-    study = open_study(open_storage(url, heartbeat_interval=None), "dash-study", ["maximize", "maximize"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(["safety", "medical"])
-    trial = study.ask()
-    trial.suggest_float("c.safety.attn", 0.0, 2.0)
-    responses = artifacts.parent / "responses.jsonl"
-    body = b'{"id": "h1", "response": "I cannot help with that."}\n'
-    responses.write_bytes(body)
-    artifact_id = optuna.artifacts.upload_artifact(
-        artifact_store=artifact_store_for(url, artifacts), file_path=str(responses), study_or_trial=trial,
-        mimetype="application/jsonl",
-    )
-    study.tell(trial, [0.9, 0.4])
-    return study, artifact_id, body
+from safesearch.storage import open_storage
 
 
 def _get(url: str) -> bytes:
@@ -45,40 +27,80 @@ def _get(url: str) -> bytes:
         return r.read()
 
 
-def test_dashboard_serves_study_objectives_and_artifact(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'studies.db'}"
-    artifacts = tmp_path / "artifacts"
-    study, artifact_id, body = _study_with_artifact(url, artifacts)
+@pytest.fixture(scope="module")
+def served(toyworld_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A real study (`safesearch run` and `validate`), served by `safesearch dashboard` in a subprocess."""
+    made = make_dashboard_study(tmp_path_factory.mktemp("dash"), toyworld_small)
+    with served_dashboard(made) as (base, study_id):
+        detail = json.loads(_get(f"{base}/api/studies/{study_id}"))
+        yield {**made, "base": base, "id": study_id, "detail": detail}
 
-    proc = subprocess.Popen(
-        [SAFESEARCH, "dashboard", "--storage", url, "--port", "0", "--artifacts", str(artifacts)],
-        stderr=subprocess.PIPE, text=True, cwd=tmp_path, env={**os.environ, "SAFESEARCH_STORAGE": ""},
-    )
-    try:
-        line = proc.stderr.readline()  # the command announces its address once it listens
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-        assert m, f"no address announced: {line!r}{proc.stderr.read() if proc.poll() is not None else ''}"
-        base = f"http://127.0.0.1:{m.group(1)}"
 
-        studies = json.loads(_get(f"{base}/api/studies"))["study_summaries"]
-        (summary,) = [s for s in studies if s["study_name"] == "dash-study"]
-        detail = json.loads(_get(f"{base}/api/studies/{summary['study_id']}"))
-        assert detail["name"] == "dash-study"
-        assert detail["directions"] == ["maximize", "maximize"]
-        assert detail["objective_names"] == ["safety", "medical"]
-        (trial,) = detail["trials"]
-        assert trial["values"] == [0.9, 0.4]
-        assert [b["number"] for b in detail["best_trials"]] == [0]
-        (meta,) = trial["artifacts"]
-        assert meta["artifact_id"] == artifact_id and meta["filename"] == "responses.jsonl"
+def _pareto(served: dict[str, Any], capsys: pytest.CaptureFixture) -> dict[str, Any]:
+    code, out, err = run_cli(capsys, "pareto", served["name"], "--storage", served["url"], "--json")
+    assert code == 0, err
+    return json.loads(out)
 
-        got = _get(f"{base}/artifacts/{summary['study_id']}/{trial['trial_id']}/{artifact_id}")
-        assert got == body
-        # The dashboard page itself is served too (the browser's entry point).
-        assert b"<html" in _get(f"{base}/dashboard").lower()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+
+def test_axes_and_columns_read_the_objective_names(served: dict[str, Any]) -> None:
+    assert served["detail"]["objective_names"] == ["safety", "medical"]
+    assert served["detail"]["directions"] == ["maximize", "maximize"]
+
+
+def test_best_trials_are_the_feasible_front_of_safesearch_pareto(served: dict[str, Any], capsys) -> None:
+    detail = served["detail"]
+    report = _pareto(served, capsys)
+    front = sorted(t["trial"] for t in report["front"])
+    assert sorted(t["number"] for t in detail["best_trials"]) == front
+    # The study is one where it matters: ignoring constraints (what optuna-dashboard 0.21 does on its own)
+    # gives another front, made of infeasible trials.
+    study = optuna.load_study(study_name=served["name"], storage=served["url"])
+    unconstrained = sorted(t.number for t in get_pareto_front_trials(study.trials, study.directions))
+    assert unconstrained != front
+    # Every trial's constraint values, where the dashboard reads them: the list, one value per constraint.
+    by_number = {t["number"]: t for t in detail["trials"]}
+    for t in study.trials:
+        violation = t.user_attrs["constraint_scores"]["over_refusal"] - 0.0  # max: 0.0
+        assert by_number[t.number]["constraints"] == [pytest.approx(violation)]
+    assert all(c <= 0 for b in detail["best_trials"] for c in b["constraints"])
+
+
+def test_every_trial_tells_its_story_in_its_note(served: dict[str, Any]) -> None:
+    trials = {t["number"]: t for t in served["detail"]["trials"]}
+    study = optuna.load_study(study_name=served["name"], storage=served["url"])
+    for t in study.trials:
+        note = trials[t.number]["note"]["body"]
+        heading = f"## Trial {t.number}" + (f": baseline `{t.user_attrs['baseline']}`" if "baseline" in t.user_attrs
+                                            else "")
+        assert note.startswith(heading + "\n"), note[:80]
+        assert "### Search split" in note and "### Coefficients" in note and "### Sample exchanges" in note
+        for key in t.user_attrs["suites"]:
+            assert f"| {key} |" in note
+        for group in t.user_attrs["coefficients"]["safety"]:
+            assert f"| {group} |" in note
+    # Validated trials (the front and the baselines) also show their holdout scores.
+    validated = [t.number for t in study.trials if f"holdout.trial.{t.number}" in study.user_attrs]
+    assert validated and all("### Holdout split" in trials[n]["note"]["body"] for n in validated)
+    assert all("### Holdout split" not in trials[t.number]["note"]["body"] for t in study.trials
+               if t.number not in validated)
+    # The study's note: validate's table, one row per validated trial and checkpoint.
+    study_note = served["detail"]["note"]["body"]
+    assert study_note.startswith("## Holdout split (safesearch validate)")
+    assert all(f"\n| {n} |" in study_note for n in validated) and "| [aligned] |" in study_note
+
+
+def test_responses_preview_as_jsonl_with_the_prompt_beside_the_response(served: dict[str, Any]) -> None:
+    trial = served["detail"]["trials"][0]
+    (meta,) = trial["artifacts"]
+    assert meta["filename"] == f"responses-{trial['number']}.jsonl"  # the dashboard previews .csv and .jsonl
+    body = _get(f"{served['base']}/artifacts/{served['id']}/{trial['trial_id']}/{meta['artifact_id']}")
+    rows = [json.loads(line) for line in body.decode().splitlines()]
+    harmful = [r for r in rows if r["suite"].startswith("toy-harmful-general@search")]
+    assert len(harmful) == 10 and all(r["prompt"] and "response" in r and r["verdict"] for r in harmful)
+    mcq = [r for r in rows if r["suite"].startswith("toy-mcq-medical@search")]
+    assert all(r["chosen"].startswith("The answer is") and isinstance(r["correct"], bool) for r in mcq)
+    # The page itself (the browser's entry point) is served too.
+    assert b"<html" in _get(f"{served['base']}/dashboard").lower()
 
 
 def test_dashboard_refuses_missing_sqlite_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

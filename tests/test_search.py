@@ -155,19 +155,28 @@ def test_a_study_runs_its_baselines_first_and_records_every_trial(
         u = t.user_attrs
         assert set(u["scores"]) == {"safety", "medical"} and set(u["constraint_scores"]) == {"over_refusal"}
         assert t.values == [u["scores"]["safety"], u["scores"]["medical"]]
-        assert t.constraints == {"over_refusal": pytest.approx(u["constraint_scores"]["over_refusal"] - 0.1)}
+        violation = pytest.approx(u["constraint_scores"]["over_refusal"] - 0.1)
+        # Optuna 5's per-name constraint, and the list optuna-dashboard reads (Optuna reads it too, as "0").
+        assert t.constraints == {"over_refusal": violation, "0": violation}
+        assert t.system_attrs["constraints"] == [violation]
         assert u["seconds"]["merge"] >= 0 and u["seconds"]["eval"] > 0
         assert set(u["suites"]) == {
             "toy-harmful-general@search[12]", "toy-harmful-medical@search[12]",
             "toy-mcq-medical@search[12]", "toy-benign@search[12]",
         }
         (meta,) = get_all_artifact_meta(t, storage=storage)
-        assert meta.filename == f"responses-{t.number}.json"
-        path = tmp_path / f"a{t.number}.json"
+        assert meta.filename == f"responses-{t.number}.jsonl" and meta.mimetype == "application/jsonl"
+        path = tmp_path / f"a{t.number}.jsonl"
         download_artifact(artifact_store=store, file_path=str(path), artifact_id=meta.artifact_id)
-        payload = json.loads(path.read_text())
-        harmful = payload["suites"]["toy-harmful-general@search[12]"]["items"]
-        assert len(harmful) == 12 and all("response" in it and "verdict" in it for it in harmful)
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(rows) == 4 * 12 and len({(r["suite"], r["id"]) for r in rows}) == 48
+        harmful = [r for r in rows if r["suite"] == "toy-harmful-general@search[12]"]
+        items = {it.id: it for it in worker.tasks["toy-harmful-general@search[12]"].items}
+        assert len(harmful) == 12
+        # The prompt beside the response and its verdict: the request as the model was asked it.
+        assert all(r["prompt"] == items[r["id"]].text and "response" in r and "verdict" in r for r in harmful)
+        mcq = [r for r in rows if r["suite"] == "toy-mcq-medical@search[12]"]
+        assert all("\nA) " in r["prompt"] and isinstance(r["choice"], int) and "correct" in r for r in mcq)
     assert [o.number for o in seen] == [0, 1, 2, 3]
     assert all(o.seconds["total"] >= o.seconds["eval"] > 0 for o in seen)
 

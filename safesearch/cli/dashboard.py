@@ -39,7 +39,10 @@ def make_dashboard_server(url: str | None, port: int, artifacts: str | Path | No
     """
     from optuna_dashboard import wsgi
 
+    from safesearch.dashboard import feasible_front_patch
+
     url = resolve_url(url)
+    feasible_front_patch()  # best trials = the feasible front, as `safesearch pareto` has it
     # The dashboard runs no trial (no heartbeat) and creates nothing: a storage without studies is an error.
     storage = open_storage(url, heartbeat_interval=None, create=False)
     store = artifact_store_for(url, artifacts, create=False)

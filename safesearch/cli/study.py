@@ -25,7 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from safesearch.errors import UserError
-from safesearch.pareto import PICKS, TrialRecord, front, pick, plot_front, records
+from safesearch.frontplot import plot_front
+from safesearch.pareto import PICKS, TrialRecord, front, pick, records
 from safesearch.studyspec import StudySpec, load_study_spec
 
 STORAGE_HELP = "Study storage (default: $SAFESEARCH_STORAGE or sqlite:///storage/safesearch.db)."
@@ -516,6 +517,7 @@ def validate_study(study_name: str, storage_url: str | None, device: str | None,
                     grafted.apply(by_number[n].coefficients)
                     h = holdout_scores(spec, grafted.backend, tasks)
                     study.set_user_attr(f"{HOLDOUT_TRIAL}{n}", h)
+                    _note_holdout(study, spec, n, h)
                     out[f"trial {n}"] = h
                     progress.advance(bar)
             finally:
@@ -531,7 +533,40 @@ def validate_study(study_name: str, storage_url: str | None, device: str | None,
             study.set_user_attr(f"{HOLDOUT_CHECKPOINT}{name}", h)
             out[f"checkpoint {name}"] = h
             progress.advance(bar)
+    _note_study_holdout(study, spec)
     return out
+
+
+def _note_holdout(study: Any, spec: StudySpec, number: int, h: dict[str, Any]) -> None:
+    """The trial's note gets its holdout section (optuna-dashboard shows it on the trial's page)."""
+    from safesearch.dashboard import (
+        HOLDOUT_HEADING,
+        save_trial_note,
+        scores_section,
+        trial_note_of,
+        with_holdout,
+    )
+    from safesearch.search import constraint_bounds
+
+    trial_id = study.get_trials(deepcopy=False)[number]._trial_id
+    section = scores_section(HOLDOUT_HEADING, h["scores"], h["constraint_scores"], constraint_bounds(spec),
+                             h["suites"], h["feasible"] if spec.constraints else None)
+    save_trial_note(study, trial_id, with_holdout(trial_note_of(study, trial_id), section))
+
+
+def _note_study_holdout(study: Any, spec: StudySpec) -> None:
+    """The study note's holdout table: the front and baselines, search / holdout, and the checkpoints."""
+    from safesearch.dashboard import holdout_table, save_study_note, study_note_of, with_study_holdout
+
+    directions = _directions(spec)
+    rs = records(study)
+    on_front = {r.number for r in front(rs, directions)}
+    rows = [(str(r.number), ("* " if r.number in on_front else "") + (r.baseline or ""),
+             {"scores": r.scores, "constraint_scores": r.constraint_scores}, r.holdout)
+            for r in rs if r.holdout is not None]
+    rows += [("", f"[{name}]", {}, h) for name, h in _references(study).items()]
+    table = holdout_table(rows, list(directions), [c.name for c in spec.constraints])
+    save_study_note(study, with_study_holdout(study_note_of(study), table))
 
 
 @click.command("validate")
