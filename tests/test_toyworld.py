@@ -153,7 +153,7 @@ def test_bad_out_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 def test_unknown_profile_is_one_line(tmp_path: Path) -> None:
     r = _cli("toyworld", "build", str(tmp_path / "tw"), "--profile", "huge")
     assert r.returncode != 0
-    assert r.stderr.strip() == "error: --profile: unknown profile 'huge' (choose from full, small)"
+    assert r.stderr.strip() == "error: --profile: unknown profile 'huge' (choose from full, small, smollm2, smollm2-ci)"
     assert not (tmp_path / "tw").exists()
 
 

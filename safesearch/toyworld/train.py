@@ -68,15 +68,18 @@ def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerBase, seed: int) 
 Example = tuple[list[int], int]  # token ids, number of prompt tokens
 
 
-def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair]) -> list[Example]:
-    """Each pair as chat-template ids: the prompt up to the assistant marker, then the answer and EOS."""
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], answer_tokens: int | None = None
+) -> list[Example]:
+    """Each pair as chat-template ids: the prompt up to the assistant marker, then the answer (its first
+    ``answer_tokens`` tokens; None: all) and EOS."""
     out = []
     for user, answer in pairs:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
         )
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:answer_tokens] + [tokenizer.eos_token_id]
         out.append((p_ids + a_ids, len(p_ids)))
     return out
 

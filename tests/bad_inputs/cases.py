@@ -706,6 +706,9 @@ add("toyworld build", "OUT is a file", lambda ws, d: (["toyworld", "build", writ
 add("toyworld build", "OUT under a file", lambda ws, d: (["toyworld", "build", write(d / "f", "x") / "w"], "f"))
 add("toyworld build", "--seed not a number", lambda ws, d: (["toyworld", "build", d / "w", "--seed", "x"], "--seed"))
 add("toyworld build", "--seed negative", lambda ws, d: (["toyworld", "build", d / "w", "--seed", "-3"], "--seed"))
+add("toyworld build", "--family unknown", lambda ws, d: (["toyworld", "build", d / "w", "--family", "gpt2"], "--family"))
+add("toyworld build", "--profile of another family", lambda ws, d: (
+    ["toyworld", "build", d / "w", "--family", "smollm2", "--profile", "small"], ("--profile small", "smollm2")))
 add("demo", "--storage under a file", lambda ws, d: (["demo", "--storage", write(d / "f", "x") / "s"], "f"))
 add("demo", "--seed not a number", lambda ws, d: (["demo", "--seed", "x"], "--seed"))
 add("safesearch", "unknown command", lambda ws, d: (["merg"], "merg"))
