@@ -228,6 +228,18 @@ def exchanges(suite: Suite, items: Sequence[Item], result: SuiteResult, image_ca
     return rows
 
 
+def shows_images(suite: Suite, items: Sequence[Item]) -> bool:
+    """Whether the suite shows the model images: an attack that renders them, or items that carry one."""
+    return suite.attack != "direct" or any(it.image is not None for it in items)
+
+
+def images_why(suite: Suite) -> str:
+    """How a suite's images come about, for an error about a model that takes text only ("" for items'
+    own images)."""
+    return {"figstep": " (a FigStep suite: requests typed into images)",
+            "qr": " (a query-relevant image attack)"}.get(suite.attack, "")
+
+
 def attack_notes(suite: Suite, items: Sequence[Item]) -> list[str]:
     """What a user should know about how the suite's attack is delivered (printed, never silent)."""
     if suite.attack == "qr":
@@ -251,8 +263,7 @@ def evaluate(
 ) -> SuiteResult:
     """Score ``items`` of ``suite`` on ``backend``; ``judge`` defaults to the suite's (built here).
     ``image_cache`` (see :func:`image_cache_dir`) is needed by attacks that render images."""
-    needs_images = suite.attack != "direct" or any(it.image is not None for it in items)
-    if needs_images and not backend.accepts_images:
+    if shows_images(suite, items) and not backend.accepts_images:
         raise UserError(f"suite '{suite.name}' shows images, but the model takes text only")
     if suite.metric == "mcq_loglik":
         outcomes, metrics = _mcq_loglik(backend, items, progress)

@@ -59,7 +59,16 @@ from safesearch.dashboard import (
 )
 from safesearch.datasets import Item
 from safesearch.errors import UserError
-from safesearch.evaluate import SuiteResult, build_judge, evaluate, exchanges, image_cache_dir, load_items
+from safesearch.evaluate import (
+    SuiteResult,
+    build_judge,
+    evaluate,
+    exchanges,
+    image_cache_dir,
+    images_why,
+    load_items,
+    shows_images,
+)
 from safesearch.judges import Judge
 from safesearch.merging import Coefficients
 from safesearch.splits import ids_digest
@@ -759,17 +768,16 @@ def check_anchor(spec: StudySpec, tasks: Mapping[str, Task]) -> None:
     from safesearch.backends.models import check_native, read_model_config, takes_images
 
     anchor = spec.graft.checkpoints[spec.graft.anchor]
-    images = takes_images(anchor.path)
+    config = read_model_config(anchor.path)
+    images = takes_images(anchor.path, config)
     if spec.backend == "transformers":
-        check_native(anchor.path, read_model_config(anchor.path))
+        check_native(anchor.path, config)
     if images:
         return
     for t in tasks.values():
-        if t.suite.attack != "direct" or any(it.image is not None for it in t.items):
-            how = {"figstep": " (a FigStep suite: requests typed into images)",
-                   "qr": " (a query-relevant image attack)"}.get(t.suite.attack, "")
-            raise UserError(f"{spec_where(spec)}: suite '{t.suite.name}' shows images{how}, but the anchor "
-                            f"{spec.graft.anchor} at '{anchor.path}' takes text only")
+        if shows_images(t.suite, t.items):
+            raise UserError(f"{spec_where(spec)}: suite '{t.suite.name}' shows images{images_why(t.suite)}, "
+                            f"but the anchor {spec.graft.anchor} at '{anchor.path}' takes text only")
 
 
 def open_worker(

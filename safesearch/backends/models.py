@@ -70,12 +70,12 @@ def _kind(config: dict[str, Any]) -> str:
     return "an image-text model in the original LLaVA code's layout; " if _llava_code(config) else ""
 
 
-def takes_images(path: str | Path) -> bool:
+def takes_images(path: str | Path, config: dict[str, Any] | None = None) -> bool:
     """Whether the checkpoint at ``path`` is an image-text model (its config has a vision part), so that a
     suite needing images fails before a long load. A model in the original LLaVA code's layout (vision
     tower named by ``mm_vision_tower``, no ``vision_config``) is refused: no backend runs it, and taking it
     for a text model would blame the suite ("takes text only") for what the checkpoint lacks."""
-    config = read_model_config(path)
+    config = read_model_config(path) if config is None else config  # ``config``: already read by the caller
     if _llava_code(config):
         reason = custom_code_reason(config) or f"model_type {config.get('model_type')!r} keeps its vision tower in mm_* keys"
         raise UserError(f"the model at '{path}' cannot be evaluated: {reason}; {_kind(config)}{CONVERT_HINT}")

@@ -25,7 +25,9 @@ from safesearch.evaluate import (
     build_judge,
     evaluate,
     image_cache_dir,
+    images_why,
     load_items,
+    shows_images,
     work_units,
 )
 from safesearch.judges import Judge
@@ -176,10 +178,9 @@ def eval_cmd(
     check_model(model)
     if not TransformersBackend.takes_images(model):
         for s in loaded:
-            if s.attack != "direct" or any(it.image is not None for it in items[s.name]):
-                how = {"figstep": " (a FigStep suite: requests typed into images)",
-                       "qr": " (a query-relevant image attack)"}.get(s.attack, "")
-                raise UserError(f"suite '{s.name}' shows images, but the model at '{model}' takes text only{how}")
+            if shows_images(s, items[s.name]):
+                raise UserError(f"suite '{s.name}' shows images, but the model at '{model}' takes text only"
+                                f"{images_why(s)}")
     # Our own progress bar says what runs; transformers' weight-loading bars would only clutter stderr.
     hf_logging.disable_progress_bar()
     if backend == "vllm":
