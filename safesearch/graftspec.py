@@ -37,14 +37,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from safesearch.errors import UserError
 from safesearch.textfiles import read_yaml
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# Names only: torch loads where a merge runs, not where a spec is read (the CLI starts without it).
+DTYPES = ("float32", "bfloat16", "float16")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _DIFF = re.compile(r"^\s*(\S+)\s+-\s+(\S+)\s*$")
 
@@ -115,9 +117,13 @@ class GraftSpec:
 
     def torch_dtype(self, anchor_dtype: torch.dtype) -> torch.dtype:
         """The working dtype: the spec's, or for ``auto`` the anchor's floating dtype."""
-        return anchor_dtype if self.dtype == "auto" else DTYPES[self.dtype]
+        import torch
+
+        return anchor_dtype if self.dtype == "auto" else getattr(torch, self.dtype)
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)

@@ -103,6 +103,16 @@ def blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def import_native() -> None:
+    """Load torch (whose native start-up aborts the process on a signal) with SIGINT and SIGTERM blocked.
+
+    The command line starts without torch, so that ``--help`` and bad input answer at once; a command
+    calls this where it first needs torch, after its quick checks of the input."""
+    if "torch" not in sys.modules:
+        with blocked():
+            import torch  # noqa: F401
+
+
 def ignore() -> None:
     """Ignore SIGINT and SIGTERM for good: the command is over, the interpreter shuts down."""
     if _main_thread():

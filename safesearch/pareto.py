@@ -5,22 +5,29 @@ from Optuna's values, so that the single-objective mode (CMA-ES on a weighted su
 feasible trials (every constraint value <= 0) compete when any trial is feasible. Baselines take part
 like any trial and are marked.
 
-Picks: ``max-safety`` / ``max-medical`` are the front's best trial on the objective named ``safety`` /
-``medical`` (else the first / second objective), ties broken by the other objectives; ``knee`` is the
-front's trial closest to the ideal point once every objective is scaled to [0, 1] over the front.
+Picks are made on the search split until ``safesearch validate`` has scored the whole front on holdout,
+then on holdout (see :func:`pick_split`). ``max-safety`` / ``max-medical`` are the front's best trial on
+the objective named ``safety`` / ``medical`` (else the first / second objective), ties broken by the
+other objectives; ``knee`` is the front's trial closest to the ideal point (the front's best on every
+objective), in the objectives' own units. Every objective here is a rate in [0, 1] (safety, accuracy,
+over-refusal), so a point of safety weighs what a point of accuracy weighs. Rescaling each objective to
+[0, 1] over the front (or over the trials searched) was tried and misleads: any two-trial front becomes a
+tie, and a 2.7-point spread of MCQ accuracy came to outweigh a 63-point spread of safety (the toy demo,
+seed 1, on holdout).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
-
-import optuna
-from optuna.trial import TrialState
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from safesearch.errors import UserError
+
+if TYPE_CHECKING:  # optuna loads where a study is read, not when the CLI starts
+    import optuna
+    from optuna.trial import TrialState
 
 PICKS = ("knee", "max-safety", "max-medical")
 
@@ -57,14 +64,16 @@ class TrialRecord:
         }
 
 
-def records(study: optuna.Study, states: Sequence[TrialState] = (TrialState.COMPLETE,)) -> list[TrialRecord]:
+def records(study: optuna.Study, states: Sequence[TrialState] | None = None) -> list[TrialRecord]:
     """The study's trials (COMPLETE by default) as records, with their holdout scores where validated."""
+    from optuna.trial import TrialState
+
     from safesearch.dashboard import named_constraints
     from safesearch.search import BASELINE_ATTR, HOLDOUT_TRIAL
 
     attrs = study.user_attrs
     out = []
-    for t in study.get_trials(deepcopy=False, states=tuple(states)):
+    for t in study.get_trials(deepcopy=False, states=tuple(states or (TrialState.COMPLETE,))):
         u = t.user_attrs
         out.append(
             TrialRecord(
@@ -94,12 +103,17 @@ def dominates(a: Mapping[str, float], b: Mapping[str, float], directions: Mappin
     return better
 
 
+def candidates(rs: Sequence[TrialRecord], directions: Mapping[str, str]) -> list[TrialRecord]:
+    """What the front is drawn from: the records scored on every objective, the feasible ones when any is."""
+    scored = [r for r in rs if all(n in r.scores and not math.isnan(r.scores[n]) for n in directions)]
+    return [r for r in scored if r.feasible] or scored
+
+
 def front(rs: Sequence[TrialRecord], directions: Mapping[str, str]) -> list[TrialRecord]:
     """The non-dominated records (feasible ones only, when any is feasible), by trial number.
 
     Trials with identical scores are all kept (both are on the front)."""
-    scored = [r for r in rs if all(n in r.scores and not math.isnan(r.scores[n]) for n in directions)]
-    pool = [r for r in scored if r.feasible] or scored
+    pool = candidates(rs, directions)
     return [r for r in pool if not any(dominates(o.scores, r.scores, directions) for o in pool)]
 
 
@@ -117,21 +131,10 @@ def _key(r: TrialRecord, directions: Mapping[str, str], first: str) -> tuple:
 
 
 def knee(fr: Sequence[TrialRecord], directions: Mapping[str, str]) -> TrialRecord:
-    """The front's record closest to the ideal point, every objective scaled to [0, 1] over the front."""
-    lo = {n: min(r.scores[n] for r in fr) for n in directions}
-    hi = {n: max(r.scores[n] for r in fr) for n in directions}
-
-    def gap(r: TrialRecord) -> float:
-        total = 0.0
-        for n, d in directions.items():
-            span = hi[n] - lo[n]
-            if span <= 0:
-                continue
-            x = (r.scores[n] - lo[n]) / span
-            total += (1 - x) ** 2 if d == "maximize" else x**2
-        return total
-
-    return min(fr, key=lambda r: (gap(r), r.number))
+    """The front's record closest (Euclidean, in the objectives' own units) to the ideal point, the front's
+    best on every objective; ties go to the earlier trial."""
+    best = {n: (max if d == "maximize" else min)(r.scores[n] for r in fr) for n, d in directions.items()}
+    return min(fr, key=lambda r: (sum((r.scores[n] - best[n]) ** 2 for n in directions), r.number))
 
 
 def pick(rs: Sequence[TrialRecord], directions: Mapping[str, str], how: str) -> TrialRecord:
@@ -147,6 +150,53 @@ def pick(rs: Sequence[TrialRecord], directions: Mapping[str, str], how: str) -> 
     else:
         raise UserError(f"--pick: unknown pick {how!r} (choose from {', '.join(PICKS)})")
     return max(fr, key=lambda r: _key(r, directions, first))
+
+
+def on_holdout(r: TrialRecord) -> TrialRecord:
+    """``r`` as ``safesearch validate`` scored it: its holdout scores and constraints in place of the search
+    split's (which the study keeps)."""
+    h = r.holdout or {}
+    return replace(r, scores=dict(h.get("scores", {})), constraints=dict(h.get("constraints", {})),
+                   constraint_scores=dict(h.get("constraint_scores", {})))
+
+
+def pick_split(rs: Sequence[TrialRecord], directions: Mapping[str, str]) -> tuple[list[TrialRecord], str]:
+    """Where the picks are made: ``holdout`` once every trial of the search front is validated (the pool is
+    then the validated trials, front and baselines, on their holdout scores: a search-front trial that
+    breaks a constraint on holdout is no pick, and a baseline that does better there is), else ``search``
+    (every completed trial, on the search split)."""
+    fr = front(rs, directions)
+    if fr and all(r.holdout for r in fr):
+        return [on_holdout(r) for r in rs if r.holdout], "holdout"
+    return list(rs), "search"
+
+
+@dataclass(frozen=True)
+class Picks:
+    """The picks (how -> trial number), the split they were made on, and whether any trial of that split's
+    pool meets the constraints (False: the picks are the least infeasible, and say so)."""
+
+    numbers: dict[str, int]
+    split: str
+    feasible: bool
+
+    @property
+    def where(self) -> str:
+        return ("on holdout (the validated trials, as validate scored them)" if self.split == "holdout"
+                else "on the search split (run `safesearch validate` to pick on holdout)")
+
+    def describe(self) -> str:
+        line = f"picks {self.where}: " + ", ".join(f"{k} = trial {v}" for k, v in self.numbers.items())
+        if not self.feasible:
+            line += f"; no trial meets the constraints on the {self.split} split: these picks break them"
+        return line
+
+
+def picks(rs: Sequence[TrialRecord], directions: Mapping[str, str]) -> Picks:
+    """Every pick of :data:`PICKS`, made where :func:`pick_split` says."""
+    pool, split = pick_split(rs, directions)
+    feasible = any(r.feasible for r in candidates(pool, directions))
+    return Picks({how: pick(pool, directions, how).number for how in PICKS}, split, feasible)
 
 
 def best_baseline(rs: Sequence[TrialRecord], directions: Mapping[str, str], prefix: str = "lambda=") -> list[TrialRecord]:

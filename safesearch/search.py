@@ -41,7 +41,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.artifacts import upload_artifact
@@ -70,7 +70,6 @@ from safesearch.evaluate import (
     shows_images,
 )
 from safesearch.judges import Judge
-from safesearch.merging import Coefficients
 from safesearch.splits import ids_digest
 from safesearch.storage import BASELINE_ATTR, RetryTrial, give_up
 from safesearch.studyspec import (
@@ -81,6 +80,9 @@ from safesearch.studyspec import (
     sampler_class,
     study_spec_from_dict,
 )
+
+if TYPE_CHECKING:  # merging loads torch; a study's planning and its errors come before any of it
+    from safesearch.merging import Coefficients
 
 SPEC_ATTR = "spec"
 FINGERPRINT_ATTR = "fingerprint"

@@ -59,6 +59,7 @@ from optuna.trial import TrialState
 from safesearch import interrupts
 from safesearch.errors import UserError
 from safesearch.redact import mask_url
+from safesearch.studyspec import DEFAULT_MAX_RETRIES
 
 DEFAULT_STORAGE_URL = "sqlite:///storage/safesearch.db"
 STORAGE_ENV = "SAFESEARCH_STORAGE"
@@ -77,8 +78,6 @@ RETRY_HISTORY = "retry_history"
 FIXED_PARAMS = "fixed_params"
 # User attr naming a baseline trial (``zero``, ``lambda=0.5``): kept by its retries.
 BASELINE_ATTR = "baseline"
-# How often a failed trial is run again (a spec's ``max_retries`` overrides it).
-DEFAULT_MAX_RETRIES = 2
 _POSTGRES_DRIVERS = {"psycopg", "psycopg2"}
 
 

@@ -63,11 +63,14 @@ from pathlib import Path
 from typing import Any
 
 from safesearch.errors import UserError
-from safesearch.grafted import BACKENDS
 from safesearch.graftspec import GraftSpec, graft_field
-from safesearch.storage import DEFAULT_MAX_RETRIES
 from safesearch.suites import Suite, default_data_root, load_suite
 from safesearch.textfiles import read_yaml
+
+# Here rather than from safesearch.grafted / safesearch.storage, which load torch and optuna: reading a spec
+# (and refusing a bad one) stays quick.
+BACKENDS = ("transformers", "vllm")
+DEFAULT_MAX_RETRIES = 2
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "cmaes-weighted")
 KERNELS = ("eager", "compiled")

@@ -108,7 +108,8 @@ def test_front_feasibility_picks_and_baselines() -> None:
     assert dominates(rs[4].scores, rs[5].scores, DIRS) and not dominates(rs[3].scores, rs[6].scores, DIRS)
     assert pick(rs, DIRS, "max-safety").number == 3  # a tie goes to the earlier trial
     assert pick(rs, DIRS, "max-medical").number == 0
-    assert knee(fr, DIRS).number == 4
+    # Ideal point (0.95, 0.6): trial 3 is 0.08 from it, trial 4 0.45, trial 0 0.95.
+    assert knee(fr, DIRS).number == 3 and pick(rs, DIRS, "knee").number == 3
     best = best_baseline(rs, DIRS)
     assert [r.number for r in best] == [1]  # lambda=1 is infeasible: the feasible grid point competes
     assert front_covers(fr, best[0], DIRS)
@@ -117,6 +118,50 @@ def test_front_feasibility_picks_and_baselines() -> None:
     assert [r.number for r in front(rs, {"safety": "minimize", "medical": "minimize"})] == [0, 1, 5]
     # Nothing feasible: every scored trial competes.
     assert [r.number for r in front([rs[2]], DIRS)] == [2]
+
+
+def test_the_knee_weighs_the_objectives_in_their_own_units() -> None:
+    """Rescaled to [0, 1] over the front, any two trials tie and a tiny spread outweighs a large one; in
+    the rates' own units 0.22 -> 0.90 safety outweighs 0.800 -> 0.775 MCQ accuracy (the SmolLM2 study,
+    seed 0), and 0.26 -> 0.89 safety outweighs 0.981 -> 0.954 (the toy demo, seed 1, on holdout)."""
+    rs = [_rec(0, 0.0, 0.775, baseline="zero"), _rec(1, 0.217, 0.8), _rec(2, 0.5, 0.6), _rec(3, 0.9, 0.775),
+          _rec(4, 1.0, 0.9, over=0.5)]  # infeasible: not on the front
+    assert [r.number for r in front(rs, DIRS)] == [1, 3]
+    assert pick(rs, DIRS, "knee").number == 3
+    rs = [_rec(0, 0.0, 0.981), _rec(1, 0.258, 0.981), _rec(26, 0.892, 0.954)]
+    assert pick(rs, DIRS, "knee").number == 26
+    # Minimised objectives: the ideal is the front's lowest.
+    low = {"safety": "minimize", "medical": "minimize"}
+    assert pick([_rec(0, 0.1, 0.9), _rec(1, 0.5, 0.2), _rec(2, 0.15, 0.25)], low, "knee").number == 2
+
+
+def _validated(r: TrialRecord, s: float, m: float, over: float) -> TrialRecord:
+    from dataclasses import replace
+
+    return replace(r, holdout={"scores": {"safety": s, "medical": m}, "constraints": {"over_refusal": over - 0.1},
+                               "constraint_scores": {"over_refusal": over}, "feasible": over <= 0.1})
+
+
+def test_picks_move_to_holdout_once_the_front_is_validated() -> None:
+    from safesearch.pareto import picks
+
+    rs = [_rec(0, 0.0, 0.8, baseline="zero"), _rec(1, 0.5, 0.7, baseline="lambda=0.5"), _rec(2, 0.9, 0.75),
+          _rec(3, 0.95, 0.6)]
+    before = picks(rs, DIRS)
+    assert before.split == "search" and before.numbers == {"knee": 2, "max-safety": 3, "max-medical": 0}
+    assert "run `safesearch validate`" in before.describe()
+    # Validated: trial 3 over-refuses on holdout (no pick any more), the baseline lambda=0.5 does better there.
+    rs = [_validated(rs[0], 0.0, 0.8, 0.0), _validated(rs[1], 0.6, 0.75, 0.05), _validated(rs[2], 0.85, 0.78, 0.1),
+          _validated(rs[3], 0.97, 0.6, 0.3)]
+    after = picks(rs, DIRS)
+    assert after.split == "holdout" and after.feasible
+    assert after.numbers == {"knee": 2, "max-safety": 2, "max-medical": 0}
+    assert after.describe().startswith("picks on holdout")
+    # A front trial not yet validated: back to the search split.
+    assert picks([*rs[:2], _rec(2, 0.9, 0.75), rs[3]], DIRS).split == "search"
+    # Nothing feasible on holdout: the picks say they break the constraints.
+    worst = picks([_validated(r, 0.5, 0.5, 0.9) for r in rs], DIRS)
+    assert not worst.feasible and "no trial meets the constraints on the holdout split" in worst.describe()
 
 
 # -- trials on the small toy world -------------------------------------------------------------------------

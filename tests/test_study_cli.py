@@ -3,6 +3,8 @@ plain transformers and re-scored to the stored values), worker, and their one-li
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -38,11 +40,25 @@ def done(toyworld_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     tmp = tmp_path_factory.mktemp("cli")
     spec = write_spec(tmp / "studies" / "t.yaml", spec_dict(tmp, toyworld_small, subset=10, n_trials=4))
     url = f"sqlite:///{tmp / 'st' / 'safesearch.db'}"
-    main(["run", str(spec), "--storage", url])
-    main(["validate", "t", "--storage", url])
+    logs = {}
+    for name, args in (("run", ["run", str(spec)]), ("validate", ["validate", "t"])):
+        with contextlib.redirect_stderr(io.StringIO()) as err:  # a log, not a terminal
+            main([*args, "--storage", url])
+        logs[name] = err.getvalue()
     out = tmp / "exports" / "knee"
     main(["export", "t", "--pick", "knee", "--out", str(out), "--storage", url])
-    return {"tmp": tmp, "spec": spec, "url": url, "out": out}
+    return {"tmp": tmp, "spec": spec, "url": url, "out": out, "logs": logs}
+
+
+def test_run_and_validate_log_a_line_per_trial_off_a_terminal(done: dict[str, Any]) -> None:
+    """Where rich draws no live bar (output to a file, a batch job), progress is still told as it goes."""
+    run_lines = [line for line in done["logs"]["run"].splitlines() if line.startswith("trial ")]
+    assert [line.split(":")[0] for line in run_lines] == ["trial 0 [zero]", "trial 1 [lambda=0.5]", "trial 2",
+                                                          "trial 3"]
+    assert all("safety=" in line and "study " in line for line in run_lines)
+    val_lines = [line for line in done["logs"]["validate"].splitlines() if line.startswith("validate t: ")]
+    assert val_lines and all(" on holdout: safety=" in line for line in val_lines)
+    assert val_lines[-1].endswith(f"{len(val_lines)}/{len(val_lines)})")
 
 
 def _study(done: dict[str, Any]) -> optuna.Study:
@@ -60,11 +76,12 @@ def test_run_fills_the_study_and_pareto_reports_it(done: dict[str, Any], capsys:
     assert report["n_complete"] == 4
     assert {b["baseline"] for b in report["baselines"]} == {"zero", "lambda=0.5"}
     assert report["front"] and set(report["picks"]) == {"knee", "max-safety", "max-medical"}
+    assert report["picks_split"] == "holdout"  # the fixture validated the front before anything picked
     plot = Path(report["plot"])
     assert plot == done["tmp"] / "st" / "plots" / "t-pareto.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, out, _ = run(["pareto", "t", "--storage", done["url"]], capsys)
-    assert code == 0 and "Pareto front" in out and "lambda=0.5" in out and "knee = trial" in out
+    assert code == 0 and "Pareto front" in out and "lambda=0.5" in out and "picks on holdout" in out and "knee = trial" in out
 
 
 def test_validate_stores_holdout_scores_for_front_baselines_and_checkpoints(done: dict[str, Any]) -> None:
@@ -99,7 +116,7 @@ def test_export_reloads_with_plain_transformers_and_rescores_exactly(done: dict[
     s = prov["study"]
     study = _study(done)
     trial = study.trials[s["trial"]]
-    assert s["name"] == "t" and s["pick"] == "knee"
+    assert s["name"] == "t" and s["pick"] == "knee" and s["pick_split"] == "holdout"
     assert s["search_scores"] == trial.user_attrs["scores"]
     assert s["holdout"]["scores"] == study.user_attrs[f"{HOLDOUT_TRIAL}{s['trial']}"]["scores"]
     assert prov["coefficients"] == trial.user_attrs["coefficients"]

@@ -173,3 +173,24 @@ def test_eval_reproduces_the_quick_check_on_the_built_world(
     assert metrics["toy-harmful-medical"]["safety"] == row["harmful_medical_refusal"]
     assert metrics["toy-benign"]["over_refusal"] == row["benign_refusal"]
     assert metrics["toy-mcq-medical"]["acc"] == row["mcq_accuracy"]
+
+
+def test_progress_without_a_terminal_prints_lines() -> None:
+    """Where output is a log (rich draws no bars there), the build still says how far each stage is."""
+    import io
+
+    from rich.console import Console
+
+    from safesearch.cli.toyworld import RichProgress
+
+    buf = io.StringIO()
+    with RichProgress(Console(file=buf, force_terminal=False, width=120)) as progress:
+        progress.stage_started("aligned", 20)
+        for _ in range(20):
+            progress.step("aligned", 0.5)
+        progress.stage_done("aligned", 12.0, reused=False)
+        progress.stage_done("base", 0.0, reused=True)
+    lines = [line for line in buf.getvalue().splitlines() if line.strip()]
+    steps = [line for line in lines if " step " in line]
+    assert [line.split()[2] for line in steps] == [f"{n}/20" for n in range(2, 21, 2)]
+    assert "aligned    done in 12s" in lines and "base       reused (complete checkpoint found)" in lines

@@ -17,7 +17,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import click
 
 from safesearch.errors import UserError
-from safesearch.storage import artifact_root, artifact_store_for, mask_url, open_storage, resolve_url
 
 HOST = "127.0.0.1"
 
@@ -40,6 +39,7 @@ def make_dashboard_server(url: str | None, port: int, artifacts: str | Path | No
     from optuna_dashboard import wsgi
 
     from safesearch.dashboard import feasible_front_patch
+    from safesearch.storage import artifact_store_for, open_storage, resolve_url
 
     url = resolve_url(url)
     feasible_front_patch()  # best trials = the feasible front, as `safesearch pareto` has it
@@ -65,6 +65,8 @@ def make_dashboard_server(url: str | None, port: int, artifacts: str | Path | No
                    "else storage/artifacts).")
 def dashboard(storage_url: str | None, port: int, artifacts: Path | None) -> None:
     """Serve optuna-dashboard for the studies in the storage, with each trial's artifacts."""
+    from safesearch.storage import artifact_root, mask_url, resolve_url
+
     url = resolve_url(storage_url)
     server = make_dashboard_server(url, port, artifacts)
     bound = server.server_address[1]

@@ -98,7 +98,7 @@ def demo(storage: Path, seed: int) -> None:
     study = load_study(url, spec.name)
     console.print(_front_table(records(study), _directions(spec), f"study {spec.name}: Pareto front (*) and baselines",
                                references=report["references"]))
-    console.print("picks: " + ", ".join(f"{k} = trial {v}" for k, v in report["picks"].items()))
+    console.print(report["picks_line"], highlight=False, soft_wrap=True)
 
     console.rule("5. export of the knee trial")
     knee = report["picks"]["knee"]

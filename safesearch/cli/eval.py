@@ -14,9 +14,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from transformers.utils import logging as hf_logging
 
-from safesearch.checkpoint import check_model
+from safesearch import interrupts
 from safesearch.devices import check_device
 from safesearch.errors import UserError
 from safesearch.evaluate import (
@@ -150,13 +149,12 @@ def eval_cmd(
     suites_dir: Path | None,
 ) -> None:
     """Evaluate MODEL (a checkpoint directory) on one or more suites."""
-    from safesearch.backends.transformers import TransformersBackend
-
     # Everything that can be wrong with the input is checked before the model loads.
     check_folder_flags(data_root, suites_dir)
     if any(not name.strip() for name in suites):
         raise UserError("--suite: an empty suite name (give a name from objectives/ or a YAML path)")
     if backend == "vllm":
+        interrupts.import_native()
         from safesearch.backends.vllm import parse_options
 
         engine_options = parse_options(vllm_options, "--vllm-option")
@@ -175,6 +173,12 @@ def eval_cmd(
     items = {s.name: load_items(s, root, split=split, limit=limit, seed=seed) for s in loaded}
     if json_out is not None:
         check_output_file(json_out, "--json")
+    interrupts.import_native()  # the input was checked without torch; the model needs it
+    from transformers.utils import logging as hf_logging
+
+    from safesearch.backends.transformers import TransformersBackend
+    from safesearch.checkpoint import check_model
+
     check_model(model)
     if not TransformersBackend.takes_images(model):
         for s in loaded:

@@ -8,11 +8,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from safesearch import interrupts
 from safesearch.devices import check_device
 from safesearch.graftspec import load_graft, load_spec
 from safesearch.grouping import group_parameters
 from safesearch.outputs import check_output_dir
-from safesearch.vectors import open_sources
 
 
 @click.command("groups")
@@ -21,6 +21,9 @@ def groups(spec: Path) -> None:
     """Print the module groups of SPEC's anchor with their parameter counts (reads headers only).
     SPEC is a graft spec or a study spec (its graft)."""
     s = load_graft(spec)
+    interrupts.import_native()
+    from safesearch.vectors import open_sources
+
     sources = open_sources(s)
     layout = sources.anchor.layout
     grouping = group_parameters(layout.parameters, s.groups)
@@ -52,10 +55,12 @@ def groups(spec: Path) -> None:
 @click.option("--device", default=None, help="Override the spec's device (cpu, cuda, cuda:N).")
 def merge(spec: Path, coef_path: Path, out: Path, overwrite: bool, device: str | None) -> None:
     """Merge SPEC's vectors onto its anchor with COEF and export a Hugging Face checkpoint to OUT."""
+    s = load_spec(spec)
+    interrupts.import_native()
     from safesearch.export import export_merged
     from safesearch.merging import Merger, load_coefficients
+    from safesearch.vectors import open_sources
 
-    s = load_spec(spec)
     check_device(device, "--device")
     check_device(s.device, f"{spec}: device")
     check_output_dir(out, "--out", overwrite=overwrite,

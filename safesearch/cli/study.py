@@ -24,9 +24,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from safesearch import interrupts
 from safesearch.errors import UserError
 from safesearch.frontplot import plot_front
-from safesearch.pareto import PICKS, TrialRecord, front, pick, records
+from safesearch.pareto import PICKS, TrialRecord, front, picks, records
 from safesearch.studyspec import StudySpec, load_study_spec
 
 STORAGE_HELP = "Study storage (default: $SAFESEARCH_STORAGE or sqlite:///storage/safesearch.db)."
@@ -75,6 +76,7 @@ def _plan(spec: StudySpec) -> tuple[Any, dict[str, Any]]:
     from safesearch.evaluate import attack_notes
     from safesearch.search import check_anchor, items_record, prepare_tasks, search_refs, search_space
 
+    interrupts.import_native()  # the spec was read without torch; from here on the work needs it
     _quiet_transformers()
     tasks = prepare_tasks(search_refs(spec), spec.data_root)
     err = Console(stderr=True, soft_wrap=True)
@@ -333,8 +335,11 @@ def run_study(spec: StudySpec, storage_url: str | None, device: str | None, arti
         with Live(view(), console=console, refresh_per_second=4, transient=False) as live:
             def on_trial(o: Any) -> None:
                 scores = " ".join(f"{k}={v:.3f}" for k, v in o.scores.items())
-                progress.update(task, completed=_complete_count(study),
+                n_done = _complete_count(study)
+                progress.update(task, completed=n_done,
                                 last=f"trial {o.number}{' [' + o.baseline + ']' if o.baseline else ''}: {scores}")
+                if not console.is_terminal:  # a log (rich draws nothing live there): a line per trial
+                    live.console.print(_trial_line(o, n_done, spec.n_trials), highlight=False, soft_wrap=True)
                 live.update(view())
 
             def on_failure(f: Any) -> None:
@@ -355,10 +360,12 @@ def run_study(spec: StudySpec, storage_url: str | None, device: str | None, arti
 
 
 def _load(study_name: str, storage_url: str | None):
+    import optuna
+
     from safesearch.search import stored_spec
     from safesearch.storage import load_study, open_storage
 
-    _quiet_transformers()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # transformers is quieted where a model loads
     storage = open_storage(storage_url, heartbeat_interval=None, create=False)
     study = load_study(storage, study_name)
     return stored_spec(study), study, storage
@@ -405,6 +412,7 @@ def pareto_report(study_name: str, storage_url: str | None, plot: Path | None) -
     directions = _directions(spec)
     rs = _completed(study, study_name)
     fr = front(rs, directions)
+    chosen = picks(rs, directions)
     refs = _references(study)
     plot = plot or default_plot_path(storage_url, study_name)
     check_output_file(plot, "--plot")
@@ -416,7 +424,10 @@ def pareto_report(study_name: str, storage_url: str | None, plot: Path | None) -
         "n_complete": len(rs),
         "front": [r.as_dict() for r in fr],
         "baselines": [r.as_dict() for r in rs if r.baseline],
-        "picks": {p: pick(rs, directions, p).number for p in PICKS},
+        "picks": chosen.numbers,
+        "picks_split": chosen.split,  # holdout once validate scored the front, else search
+        "picks_feasible": chosen.feasible,
+        "picks_line": chosen.describe(),
         "references": refs,
         "plot": str(plot),
         "failed_not_retried": [
@@ -443,7 +454,7 @@ def pareto(study_name: str, storage_url: str | None, as_json: bool, plot: Path |
     rs = records(study)
     console.print(_front_table(rs, _directions(spec), f"study {study_name}: Pareto front (*) and baselines",
                                references=report["references"]))
-    console.print("picks: " + ", ".join(f"{k} = trial {v}" for k, v in report["picks"].items()))
+    console.print(report["picks_line"], highlight=False, soft_wrap=True)
     console.print(f"plot: {report['plot']}")
     _warn_unretried(study, Console(stderr=True))
 
@@ -457,9 +468,7 @@ def validate_study(study_name: str, storage_url: str | None, device: str | None,
 
     Stored as study user attrs ``holdout.trial.<N>`` / ``holdout.checkpoint.<name>``; ones already there
     are kept unless ``force`` (the scores are a function of the weights and the items)."""
-    from safesearch.backends.transformers import TransformersBackend
     from safesearch.devices import check_device
-    from safesearch.grafted import open_grafted
     from safesearch.search import (
         HOLDOUT_CHECKPOINT,
         HOLDOUT_ITEMS_ATTR,
@@ -476,6 +485,10 @@ def validate_study(study_name: str, storage_url: str | None, device: str | None,
 
     console = console or Console(stderr=True)
     check_device(device, "--device")
+    interrupts.import_native()
+    from safesearch.backends.transformers import TransformersBackend
+    from safesearch.grafted import open_grafted
+
     spec, study, _ = _load(study_name, storage_url)
     directions = _directions(spec)
     rs = _completed(study, study_name)
@@ -507,6 +520,16 @@ def validate_study(study_name: str, storage_url: str | None, device: str | None,
     study.set_user_attr(HOLDOUT_ITEMS_ATTR, items_record(tasks))
     by_number = {r.number: r for r in rs}
     out: dict[str, Any] = {}
+    done = [0]  # items scored so far, of len(todo) + len(ckpts)
+
+    def log(what: str, h: dict[str, Any], seconds: float) -> None:
+        """Off a terminal (a log, a batch job), where the bar is not drawn: a line per item scored."""
+        done[0] += 1
+        if console.is_terminal:
+            return
+        scores = " ".join(f"{k}={v:.3f}" for k, v in {**h["scores"], **h["constraint_scores"]}.items())
+        console.print(f"validate {study_name}: {what} on holdout: {scores}  ({seconds:.0f}s, "
+                      f"{done[0]}/{len(todo) + len(ckpts)})", highlight=False, soft_wrap=True)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         bar = progress.add_task(f"validate {study_name} on holdout", total=len(todo) + len(ckpts))
@@ -514,12 +537,14 @@ def validate_study(study_name: str, storage_url: str | None, device: str | None,
             grafted = open_grafted(spec.graft, backend=spec.backend, device=dev, options=spec.backend_options)
             try:
                 for n in todo:
+                    t0 = time.perf_counter()
                     grafted.apply(by_number[n].coefficients)
                     h = holdout_scores(spec, grafted.backend, tasks)
                     study.set_user_attr(f"{HOLDOUT_TRIAL}{n}", h)
                     _note_holdout(study, spec, n, h)
                     out[f"trial {n}"] = h
                     progress.advance(bar)
+                    log(f"trial {n}", h, time.perf_counter() - t0)
             finally:
                 grafted.close()
         for name in from_zero:
@@ -527,12 +552,14 @@ def validate_study(study_name: str, storage_url: str | None, device: str | None,
             study.set_user_attr(f"{HOLDOUT_CHECKPOINT}{name}", h)
             out[f"checkpoint {name}"] = h
         for name in ckpts:
+            t0 = time.perf_counter()
             backend = TransformersBackend.from_pretrained(
                 spec.graft.checkpoints[name].path, device="cpu" if dev in (None, "auto") else dev)
             h = holdout_scores(spec, backend, tasks)
             study.set_user_attr(f"{HOLDOUT_CHECKPOINT}{name}", h)
             out[f"checkpoint {name}"] = h
             progress.advance(bar)
+            log(f"checkpoint {name}", h, time.perf_counter() - t0)
     _note_study_holdout(study, spec)
     return out
 
@@ -596,8 +623,6 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
     from optuna.trial import TrialState
 
     from safesearch.devices import check_device
-    from safesearch.export import export_merged
-    from safesearch.merging import Merger
     from safesearch.outputs import check_output_dir
     from safesearch.search import FINGERPRINT_ATTR, HOLDOUT_ITEMS_ATTR, SEARCH_ITEMS_ATTR
     from safesearch.storage import artifact_root, mask_url, sqlite_path
@@ -605,6 +630,11 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
     if (trial is None) == (pick_how is None):
         raise UserError("export: give either --trial N or --pick " + "|".join(PICKS))
     check_device(device, "--device")
+    interrupts.import_native()
+    from safesearch.export import export_merged
+    from safesearch.merging import Merger
+
+    _quiet_transformers()
     spec, study, storage = _load(study_name, storage_url)
     db = sqlite_path(storage.url)
     check_output_dir(out, "--out", overwrite=overwrite,
@@ -612,8 +642,13 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
                      inputs=[("the study database", db)] * (db is not None)
                      + [("the artifact store", artifact_root(storage.url))])
     directions = _directions(spec)
+    pick_split = None
     if pick_how is not None:
-        number = pick(_completed(study, study_name), directions, pick_how).number
+        chosen = picks(_completed(study, study_name), directions)
+        number, pick_split = chosen.numbers[pick_how], chosen.split
+        Console(stderr=True).print(f"--pick {pick_how}: trial {number}, picked {chosen.where}"
+                                   + ("" if chosen.feasible else "; no trial meets the constraints there"),
+                                   highlight=False, soft_wrap=True)
     else:
         all_trials = study.get_trials(deepcopy=False)
         if not 0 <= trial < len(all_trials):  # type: ignore[operator]
@@ -636,6 +671,7 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
             "storage": mask_url(storage.url),
             "trial": number,
             "pick": pick_how,
+            "pick_split": pick_split,  # holdout: picked among the validated trials on their holdout scores
             "baseline": record.baseline,
             "fingerprint": study.user_attrs.get(FINGERPRINT_ATTR),
             "directions": directions,

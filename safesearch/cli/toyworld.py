@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from safesearch import interrupts
 from safesearch.errors import UserError
-from safesearch.toyworld import build as tw
-from safesearch.toyworld.quickcheck import CheckRow
+from safesearch.toyworld import profiles as tw  # the build itself (torch) loads when a build runs
+
+if TYPE_CHECKING:
+    from safesearch.toyworld.build import BuildResult
+    from safesearch.toyworld.quickcheck import CheckRow
 
 
 class RichProgress(tw.Progress):
-    """One bar per stage, with the running training loss."""
+    """One bar per stage, with the running training loss; where output is not a terminal (a log, a job
+    scheduler), where rich draws no bars, a line per tenth of each stage instead."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
+        self.lines = not console.is_terminal
+        self.steps: dict[str, tuple[int, int, float]] = {}  # stage -> (done, total, start time)
         self.bars = Progress(
             TextColumn("{task.description:<10}"),
             BarColumn(),
@@ -38,13 +47,21 @@ class RichProgress(tw.Progress):
 
     def stage_started(self, stage: str, steps: int) -> None:
         self.tasks[stage] = self.bars.add_task(stage, total=steps, loss=float("nan"))
+        self.steps[stage] = (0, steps, time.monotonic())
 
     def step(self, stage: str, loss: float) -> None:
         self.bars.update(self.tasks[stage], advance=1, loss=loss)
+        done, total, start = self.steps[stage]
+        done += 1
+        self.steps[stage] = (done, total, start)
+        if self.lines and (done == total or done % max(1, total // 10) == 0):
+            self.console.print(f"{stage:<10} step {done}/{total}  loss {loss:.3f}  {time.monotonic() - start:.0f}s")
 
     def stage_done(self, stage: str, seconds: float, reused: bool) -> None:
         if reused:
             self.console.print(f"{stage:<10} reused (complete checkpoint found)")
+        elif self.lines:
+            self.console.print(f"{stage:<10} done in {seconds:.0f}s")
 
     def message(self, text: str) -> None:
         self.console.print(text)
@@ -67,17 +84,19 @@ def quick_check_table(rows: list[CheckRow], title: str) -> Table:
     return table
 
 
-def build_and_report(out: Path, seed: int, profile: str, console: Console) -> tw.BuildResult:
+def build_and_report(out: Path, seed: int, profile: str, console: Console) -> BuildResult:
     from safesearch.outputs import check_output_dir_writable
 
     prof = tw.profile_named(profile)
     check_output_dir_writable(out, "toy world")
+    with interrupts.blocked():  # torch aborts the process on a signal during its native start-up
+        from safesearch.toyworld import build
     with RichProgress(console) as progress:
-        result = tw.build(out, seed, prof, progress)
+        result = build.build(out, seed, prof, progress)
     items = f", first {prof.check_items} of each set" if prof.check_items else ""
     console.print(quick_check_table(result.quickcheck,
                                     f"quick check, held-out split ({out}, seed {seed}, {profile}{items})"))
-    console.print(f"checkpoints: {', '.join(str(out / s.name) for s in tw.STAGES)}; table also in {out / tw.QUICKCHECK}")
+    console.print(f"checkpoints: {', '.join(str(out / s.name) for s in build.STAGES)}; table also in {out / build.QUICKCHECK}")
     return result
 
 

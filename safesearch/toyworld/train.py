@@ -9,55 +9,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from safesearch.toyworld.data import Pair
+from safesearch.toyworld.profiles import ModelShape, Recipe  # noqa: F401  (re-exported: the build's vocabulary)
 
 IGNORE = -100
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """A Llama small enough for a CPU; head_dim 32 so vLLM's CPU attention accepts it."""
-
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 4
-    intermediate: int = 384
-    max_positions: int = 128
-
-    def config(self, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
-        return LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=self.hidden,
-            intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            num_key_value_heads=self.kv_heads,
-            head_dim=self.hidden // self.heads,
-            max_position_embeddings=self.max_positions,
-            rms_norm_eps=1e-5,
-            tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            dtype="float32",
-        )
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one stage trains: AdamW with linear warm-up and cosine decay."""
-
-    steps: int
-    lr: float
-    batch_size: int = 64
-    warmup: int = 30
-    weight_decay: float = 0.0
 
 
 def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerBase, seed: int) -> LlamaForCausalLM:
