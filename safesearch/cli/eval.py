@@ -31,9 +31,9 @@ from safesearch.evaluate import (
 )
 from safesearch.judges import Judge
 from safesearch.outputs import check_output_file
+from safesearch.studyspec import BACKENDS
 from safesearch.suites import JudgeSpec, Suite, default_data_root, default_suite_dirs, load_suite
 
-BACKENDS = ("transformers", "vllm")
 # Columns shown per dimension, in order; the JSON report has every metric.
 SHOWN = {
     "safety": ("safety", "asr", "n", "n_unjudged"),

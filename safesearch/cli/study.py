@@ -28,7 +28,7 @@ from safesearch import interrupts
 from safesearch.errors import UserError
 from safesearch.frontplot import plot_front
 from safesearch.pareto import PICKS, TrialRecord, front, picks, records
-from safesearch.studyspec import StudySpec, load_study_spec
+from safesearch.studyspec import BACKENDS, StudySpec, load_study_spec
 
 STORAGE_HELP = "Study storage (default: $SAFESEARCH_STORAGE or sqlite:///storage/safesearch.db)."
 ARTIFACTS_HELP = "Artifact store for the trials' responses (default: next to a SQLite file, else storage/artifacts)."
@@ -36,7 +36,7 @@ storage_option = click.option("--storage", "storage_url", default=None, metavar=
 artifacts_option = click.option("--artifacts", type=click.Path(path_type=Path), default=None, metavar="DIR",
                                 help=ARTIFACTS_HELP)
 device_option = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the spec's).")
-backend_option = click.option("--backend", type=click.Choice(["transformers", "vllm"]), default=None,
+backend_option = click.option("--backend", type=click.Choice(BACKENDS), default=None,
                               help="The backend of this worker (default: the spec's).")
 
 
