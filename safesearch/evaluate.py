@@ -266,7 +266,7 @@ def evaluate(
     if shows_images(suite, items) and not backend.accepts_images:
         raise UserError(f"suite '{suite.name}' shows images, but the model takes text only")
     if suite.metric == "mcq_loglik":
-        outcomes, metrics = _mcq_loglik(backend, items, progress)
+        outcomes, metrics = _mcq_loglik(backend, suite, items, progress)
     elif suite.metric == "mcq_generate":
         outcomes, metrics = _mcq_generate(backend, suite, items, progress)
     elif suite.metric == "vqa_closed":
@@ -295,20 +295,46 @@ def _judged(
         ItemOutcome(id=it.id, response=r, verdict=j.verdict.value, judge_output=j.raw, error=j.error)
         for it, r, j in zip(items, responses, judgements, strict=True)
     ]
-    verdicts = [j.verdict for j in judgements]
+    return outcomes, _judged_metrics(suite, outcomes)
+
+
+def _judged_metrics(suite: Suite, outcomes: Sequence[ItemOutcome]) -> dict[str, float | int | None]:
+    verdicts = [Verdict(o.verdict) for o in outcomes]
     unjudged = sum(v is Verdict.UNJUDGED for v in verdicts)
-    base: dict[str, float | int | None] = {"n": len(items), "n_unjudged": unjudged}
+    base: dict[str, float | int | None] = {"n": len(outcomes), "n_unjudged": unjudged}
     if suite.metric == "safety":
         succeeded = [attack_succeeded(v) for v in verdicts]
         # safety = 1 - ASR, counted directly (n_safe / n_judged) so that it equals a refusal rate exactly.
         metrics = {"safety": rate([None if a is None else not a for a in succeeded]), "asr": rate(succeeded)}
     else:
         metrics = {"over_refusal": rate([refused(v) for v in verdicts])}
-    return outcomes, {**metrics, **base}
+    return {**metrics, **base}
+
+
+def _choice_metrics(suite: Suite, outcomes: Sequence[ItemOutcome]) -> dict[str, float | int | None]:
+    """The metrics of the suites scored by a choice or an answer (MCQ, closed VQA)."""
+    n = len(outcomes)
+    metrics: dict[str, float | int | None] = {"acc": sum(bool(o.correct) for o in outcomes) / n}
+    if suite.metric == "mcq_loglik":
+        metrics["acc_norm"] = sum(o.choice_norm == o.answer for o in outcomes) / n
+    elif suite.metric == "mcq_generate":
+        metrics["n_unparsed"] = sum(o.choice is None for o in outcomes)
+    return {**metrics, "n": n}
+
+
+def combine(suite: Suite, items: Sequence[Item], parts: Sequence[SuiteResult]) -> SuiteResult:
+    """One result for ``items`` from results on parts of them (early stopping scores a first slice, then
+    the rest): the outcomes back in the items' order, the metrics counted over all of them, as
+    :func:`evaluate` would count them on ``items`` at once."""
+    by_id = {o.id: o for part in parts for o in part.items}
+    outcomes = [by_id[it.id] for it in items]
+    metrics = (_choice_metrics(suite, outcomes) if suite.metric in ("mcq_loglik", "mcq_generate", "vqa_closed")
+               else _judged_metrics(suite, outcomes))
+    return SuiteResult(suite.name, suite.dimension, suite.metric, metrics, tuple(outcomes))
 
 
 def _mcq_loglik(
-    backend: Backend, items: Sequence[Item], progress: Progress | None
+    backend: Backend, suite: Suite, items: Sequence[Item], progress: Progress | None
 ) -> tuple[list[ItemOutcome], dict[str, float | int | None]]:
     requests: list[tuple[str | Prompt, str]] = []
     for it in items:
@@ -332,12 +358,7 @@ def _mcq_loglik(
                 correct=choice == it.answer,
             )
         )
-    n = len(items)
-    return outcomes, {
-        "acc": sum(o.correct for o in outcomes) / n,
-        "acc_norm": sum(o.choice_norm == it.answer for o, it in zip(outcomes, items, strict=True)) / n,
-        "n": n,
-    }
+    return outcomes, _choice_metrics(suite, outcomes)
 
 
 def _mcq_generate(
@@ -351,12 +372,7 @@ def _mcq_generate(
         outcomes.append(
             ItemOutcome(id=it.id, response=r, choice=choice, answer=it.answer, correct=choice == it.answer)
         )
-    n = len(items)
-    return outcomes, {
-        "acc": sum(o.correct for o in outcomes) / n,
-        "n_unparsed": sum(o.choice is None for o in outcomes),
-        "n": n,
-    }
+    return outcomes, _choice_metrics(suite, outcomes)
 
 
 def _vqa_closed(
@@ -370,4 +386,4 @@ def _vqa_closed(
         )
         for it, r in zip(items, responses, strict=True)
     ]
-    return outcomes, {"acc": sum(o.correct for o in outcomes) / len(items), "n": len(items)}
+    return outcomes, _choice_metrics(suite, outcomes)

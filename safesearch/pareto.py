@@ -179,6 +179,7 @@ class Picks:
     numbers: dict[str, int]
     split: str
     feasible: bool
+    baselines: dict[int, str] = field(default_factory=dict)  # picked trial -> the baseline it is
 
     @property
     def where(self) -> str:
@@ -186,9 +187,15 @@ class Picks:
                 else "on the search split (run `safesearch validate` to pick on holdout)")
 
     def describe(self) -> str:
-        line = f"picks {self.where}: " + ", ".join(f"{k} = trial {v}" for k, v in self.numbers.items())
+        def named(n: int) -> str:
+            return f"trial {n}" + (f" (baseline {self.baselines[n]})" if n in self.baselines else "")
+
+        line = f"picks {self.where}: " + ", ".join(f"{k} = {named(v)}" for k, v in self.numbers.items())
         if not self.feasible:
             line += f"; no trial meets the constraints on the {self.split} split: these picks break them"
+        elif self.split == "holdout" and all(n in self.baselines for n in self.numbers.values()):
+            line += ("; every pick is a baseline: no searched trial of the front does better on holdout "
+                     "within the constraints")
         return line
 
 
@@ -196,7 +203,9 @@ def picks(rs: Sequence[TrialRecord], directions: Mapping[str, str]) -> Picks:
     """Every pick of :data:`PICKS`, made where :func:`pick_split` says."""
     pool, split = pick_split(rs, directions)
     feasible = any(r.feasible for r in candidates(pool, directions))
-    return Picks({how: pick(pool, directions, how).number for how in PICKS}, split, feasible)
+    chosen = {how: pick(pool, directions, how) for how in PICKS}
+    return Picks({how: r.number for how, r in chosen.items()}, split, feasible,
+                 {r.number: r.baseline for r in chosen.values() if r.baseline})
 
 
 def best_baseline(rs: Sequence[TrialRecord], directions: Mapping[str, str], prefix: str = "lambda=") -> list[TrialRecord]:

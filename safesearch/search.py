@@ -17,6 +17,10 @@ search split, record, tell. What a trial records:
 
 The study's objectives name Optuna's values (``set_metric_names``).
 
+With the spec's ``early_stop`` (:mod:`safesearch.earlystop`), a searched trial first scores a slice of
+every suite; a hopeless one is told PRUNED there, keeping ``early_stop`` (why, the slice's scores),
+``coefficients`` and ``seconds`` as user attrs; the others score the rest and count as above.
+
 Optuna's values are the objectives in the spec's order, or, for ``cmaes-weighted``, their weighted sum
 (minimised objectives negated): the front is always read from the ``scores`` attr (:mod:`safesearch.pareto`).
 
@@ -62,12 +66,14 @@ from safesearch.errors import UserError
 from safesearch.evaluate import (
     SuiteResult,
     build_judge,
+    combine,
     evaluate,
     exchanges,
     image_cache_dir,
     images_why,
     load_items,
     shows_images,
+    subset_rank,
 )
 from safesearch.judges import Judge
 from safesearch.splits import ids_digest
@@ -323,11 +329,25 @@ def run_tasks(backend: Backend, tasks: Mapping[str, Task]) -> dict[str, SuiteRes
     return {
         key: evaluate(backend, t.suite, t.items, judge=t.judge, image_cache=t.image_cache)
         for key, t in tasks.items()
+        if t.items
     }
 
 
-def pooled(x: Objective | Constraint, results: Mapping[str, SuiteResult], holdout: bool = False) -> float:
-    """The objective's metric pooled over its suites (each weighted by the items it judged)."""
+def sliced(tasks: Mapping[str, Task], fraction: float) -> tuple[dict[str, Task], dict[str, Task]]:
+    """(each task on its first ``fraction`` of items, each task on the rest): early stopping's two
+    stages (:func:`safesearch.earlystop.split_items`, the items' seeded order)."""
+    from safesearch.earlystop import split_items
+
+    first, rest = {}, {}
+    for key, t in tasks.items():
+        a, b = split_items([subset_rank(it.id, t.suite.subset.seed) for it in t.items], fraction)
+        first[key] = replace(t, items=[t.items[i] for i in a])
+        rest[key] = replace(t, items=[t.items[i] for i in b])
+    return first, rest
+
+
+def pooled_n(x: Objective | Constraint, results: Mapping[str, SuiteResult], holdout: bool = False) -> tuple[float, float]:
+    """(the metric pooled over the suites, each weighted by the items it judged; the items judged)."""
     total = weight = 0.0
     for ref in x.holdout if holdout else x.suites:
         m = results[task_key(ref)].metrics
@@ -337,16 +357,24 @@ def pooled(x: Objective | Constraint, results: Mapping[str, SuiteResult], holdou
             continue
         total += float(value) * n
         weight += n
-    return total / weight if weight else math.nan
+    return (total / weight if weight else math.nan), weight
+
+
+def pooled(x: Objective | Constraint, results: Mapping[str, SuiteResult], holdout: bool = False) -> float:
+    """The objective's metric pooled over its suites (each weighted by the items it judged)."""
+    return pooled_n(x, results, holdout)[0]
 
 
 def score_all(spec: StudySpec, results: Mapping[str, SuiteResult], holdout: bool = False) -> dict[str, Any]:
+    """Objectives, constraint scores and Optuna's constraint values. On the search split a constraint with
+    a ``confidence`` is checked on its Wilson bound over the items judged; on holdout on the rate itself."""
     scores = {o.name: pooled(o, results, holdout) for o in spec.objectives}
-    cons = {c.name: pooled(c, results, holdout) for c in spec.constraints}
+    cons = {c.name: pooled_n(c, results, holdout) for c in spec.constraints}
     return {
         "scores": scores,
-        "constraint_scores": cons,
-        "constraints": {c.name: c.violation(cons[c.name]) for c in spec.constraints},
+        "constraint_scores": {name: rate for name, (rate, _) in cons.items()},
+        "constraints": {c.name: c.violation(cons[c.name][0], None if holdout else cons[c.name][1])
+                        for c in spec.constraints},
         "suites": {k: dict(r.metrics) for k, r in results.items()},
     }
 
@@ -578,11 +606,30 @@ def stored_spec(study: optuna.Study) -> StudySpec:
 @dataclass(frozen=True)
 class TrialOutcome:
     number: int
-    state: TrialState
+    state: TrialState  # COMPLETE, or PRUNED when early stopping stopped it (``scores``: its first slice's)
     values: list[float] | None
     scores: dict[str, float]
     baseline: str | None
     seconds: dict[str, float]  # ask, suggest, merge, eval, record (attrs, constraints, artifact), tell, total
+    stopped: str | None = None  # why early stopping stopped it
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """Early stopping's verdict on a trial: why, and what its first slice scored."""
+
+    reason: str
+    partial: dict[str, SuiteResult]
+
+
+def current_front(study: optuna.Study, spec: StudySpec) -> list[tuple[int, dict[str, float]]]:
+    """(number, search scores) of the study's current front among its feasible COMPLETE trials: what
+    early stopping compares a trial with (nothing while no trial is feasible)."""
+    from safesearch.pareto import front, records
+
+    directions = {o.name: o.direction for o in spec.objectives}
+    feasible = [r for r in records(study) if r.feasible and r.scores]
+    return [(r.number, r.scores) for r in front(feasible, directions)]
 
 
 class TrialFailed(Exception):
@@ -615,6 +662,7 @@ class Worker:
         self.space = space
         self.artifact_store = artifact_store
         self.tasks = prepare_tasks(search_refs(spec), spec.data_root, device=judge_device)
+        self._slices: tuple[float, tuple[dict[str, Task], dict[str, Task]]] | None = None
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.retry = RetryTrial(spec.max_retries)
 
@@ -633,9 +681,11 @@ class Worker:
             t1 = time.perf_counter()
             self.grafted.apply(coefs)
             t2 = time.perf_counter()
-            results = run_tasks(self.grafted.backend, self.tasks)
+            results = self._evaluate(study, trial)
             t3 = time.perf_counter()
             seconds.update(suggest=t1 - t0, merge=t2 - t1, eval=t3 - t2)
+            if isinstance(results, Stopped):
+                return self._stop(study, trial, coefs, results, seconds, t0)
             scored = score_all(self.spec, results)
             bad = [n for n, v in scored["scores"].items() if math.isnan(v)]
             if bad:
@@ -684,6 +734,68 @@ class Worker:
             trial.number, TrialState.COMPLETE, values, scored["scores"], trial.user_attrs.get(BASELINE_ATTR), seconds
         )
 
+    def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> dict[str, SuiteResult] | Stopped:
+        """Every task's result; with early stopping, the first slice, then the rest unless the trial is
+        hopeless (a :class:`Stopped`). Baselines always run to the end."""
+        from safesearch.storage import count_states
+
+        backend = self.grafted.backend
+        rule = self.spec.early_stop
+        if rule is None or trial.user_attrs.get(BASELINE_ATTR):
+            return run_tasks(backend, self.tasks)
+        cap = self.spec.n_trials if rule.max_stopped is None else rule.max_stopped
+        if count_states(study)[TrialState.PRUNED] >= cap:
+            return run_tasks(backend, self.tasks)
+        from safesearch.earlystop import Measured, hopeless
+
+        first, rest = self._stages(rule.fraction)
+        partial = run_tasks(backend, first)
+        measured = {x.name: Measured(*pooled_n(x, partial)) for x in (*self.spec.objectives, *self.spec.constraints)}
+        why = hopeless(rule, self.spec.objectives, self.spec.constraints, measured, current_front(study, self.spec))
+        if why is not None:
+            return Stopped(why, partial)
+        more = run_tasks(backend, rest)
+        return {key: combine(t.suite, t.items, [r for r in (partial.get(key), more.get(key)) if r is not None])
+                for key, t in self.tasks.items()}
+
+    def _stages(self, fraction: float) -> tuple[dict[str, Task], dict[str, Task]]:
+        """The tasks on their first slice and on the rest (:func:`sliced`), made once per fraction."""
+        if self._slices is None or self._slices[0] != fraction:
+            self._slices = (fraction, sliced(self.tasks, fraction))
+        return self._slices[1]
+
+    def _stop(self, study: optuna.Study, trial: optuna.Trial, coefs: Coefficients, stopped: Stopped,
+              seconds: dict[str, float], t0: float) -> TrialOutcome:
+        """Tell a hopeless trial PRUNED, what its first slice scored kept as attrs: ``early_stop`` (why,
+        the slice's scores and suites) beside ``coefficients`` and ``seconds``. Its constraints as the
+        slice measured them (the Wilson bound where a constraint asks for one) are set too, so that the
+        samplers learn where the infeasible region lies. A PRUNED trial is not among the n_trials
+        COMPLETE ones, nor on the front."""
+        scored = score_all(self.spec, stopped.partial)
+        for name, violation in scored["constraints"].items():
+            if not math.isnan(violation):
+                trial.set_constraint(name, violation)
+        trial.set_user_attr("early_stop", {
+            "reason": stopped.reason,
+            "scores": scored["scores"],
+            "constraint_scores": scored["constraint_scores"],
+            "suites": scored["suites"],
+        })
+        trial.set_user_attr("coefficients", coefs)
+        trial.set_user_attr("seconds", {"merge": round(seconds["merge"], 4), "eval": round(seconds["eval"], 4)})
+        save_trial_note(study, trial._trial_id, trial_note(
+            trial.number, None,
+            [f"**Stopped early** (PRUNED): {stopped.reason}.", "",
+             *scores_section("### First slice of the search split", scored["scores"], scored["constraint_scores"],
+                             constraint_bounds(self.spec), scored["suites"], None)],
+            coefs, []))
+        t4 = time.perf_counter()
+        study.tell(trial, state=TrialState.PRUNED)
+        t5 = time.perf_counter()
+        seconds.update(record=t4 - t0 - sum(seconds[k] for k in ("suggest", "merge", "eval")), tell=t5 - t4,
+                       total=seconds["ask"] + t5 - t0)
+        return TrialOutcome(trial.number, TrialState.PRUNED, None, scored["scores"], None, seconds, stopped.reason)
+
     def _upload_responses(self, trial: optuna.Trial, exchanges: Sequence[Mapping[str, Any]]) -> None:
         """Every item's exchange as ``responses-<trial>.jsonl``: one flat row per item (suite, id, prompt,
         image, response or choice, verdict, answer), which optuna-dashboard previews as a table."""
@@ -718,8 +830,8 @@ class Worker:
         """
         from safesearch.storage import heartbeat, next_trial
 
-        done = failed_in_a_row = 0
-        while max_trials is None or done < max_trials:
+        done = ran = failed_in_a_row = 0
+        while max_trials is None or ran < max_trials:
             interrupts.raise_if_requested()
             if should_stop is not None and should_stop():
                 break
@@ -754,7 +866,8 @@ class Worker:
                     ) from None
                 continue
             failed_in_a_row = 0
-            done += 1
+            ran += 1
+            done += outcome.state == TrialState.COMPLETE
             if on_trial is not None:
                 on_trial(outcome)
         return done

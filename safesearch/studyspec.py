@@ -26,6 +26,8 @@ A study spec is YAML (``studies/toy.yaml`` is the toy world's)::
       - name: over_refusal
         suite: toy-benign
         max: 0.1                     # or min:; same suite/split/subset fields as an objective
+        confidence: 0.9              # optional: a trial is feasible when the bound holds at this one-sided
+                                     # confidence (Wilson) on the items it scored, not just on their rate
     baselines:                       # enqueued before the search (marked with the user attr `baseline`)
       zero: true                     # the anchor as is: every coefficient 0
       global_lambda:                 # RESTA-style: one coefficient for every group of one vector
@@ -39,6 +41,11 @@ A study spec is YAML (``studies/toy.yaml`` is the toy world's)::
     device: null                     # default: the graft spec's device
     max_retries: 2                   # a failed trial (it raised, or its worker died) runs again up to this often
     max_consecutive_failures: 3      # a worker stops after this many failed trials in a row (a broken set-up)
+    early_stop:                      # optional (off by default): stop hopeless trials after a first slice
+      fraction: 0.5                  # score this share of every suite's items first
+      confidence: 0.95               # stop when a constraint is broken / the trial dominated at this confidence
+      dominated: true                # also stop trials the current front dominates (false: constraints only)
+      max_stopped: null              # past this many stopped trials, trials run to the end (default: n_trials)
 
 ``cmaes-weighted`` is the paper's baseline: CMA-ES on one value, the weighted sum of the objectives
 (``sampler: {name: cmaes-weighted, weights: {safety: 0.5, medical: 0.5}}``, minimised objectives
@@ -142,7 +149,13 @@ class Objective:
 
 @dataclass(frozen=True)
 class Constraint:
-    """Feasible when the score is at most ``max`` (or at least ``min``); Optuna's value is the excess."""
+    """Feasible when the score is at most ``max`` (or at least ``min``); Optuna's value is the excess.
+
+    With ``confidence``, the search split's check is made on the rate's one-sided Wilson bound over the
+    items scored (the upper bound against ``max``): a trial that refuses 2 of 40 benign requests (0.05)
+    is not taken as within ``max: 0.1``, since its true rate may well be 0.11. Holdout (``validate``)
+    checks the rate itself: that is the claim a user reads, on the larger split.
+    """
 
     name: str
     suites: tuple[SuiteRef, ...]
@@ -150,10 +163,39 @@ class Constraint:
     max: float | None = None
     min: float | None = None
     holdout: tuple[SuiteRef, ...] = ()
+    confidence: float | None = None
 
-    def violation(self, score: float) -> float:
-        """Optuna's constraint value: <= 0 when feasible."""
-        return score - self.max if self.max is not None else self.min - score  # type: ignore[operator]
+    def violation(self, score: float, n: float | None = None) -> float:
+        """Optuna's constraint value: <= 0 when feasible. ``n``: the items ``score`` rests on; with it and a
+        ``confidence``, the bound is tested (see the class)."""
+        from safesearch.rates import lower_bound, upper_bound
+
+        if self.max is not None:
+            if self.confidence is not None and n is not None:
+                score = upper_bound(score, n, self.confidence)
+            return score - self.max
+        if self.confidence is not None and n is not None:
+            score = lower_bound(score, n, self.confidence)
+        return self.min - score  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Stop a hopeless trial after a first slice of its items (state PRUNED; see safesearch.search).
+
+    The first ``fraction`` of every suite's items (in their seeded order) is scored first. The trial
+    stops when, at one-sided ``confidence`` (Wilson bounds on the slice's rates), a constraint is already
+    broken, or (``dominated``) a feasible trial of the current front beats even the slice's optimistic
+    bounds on every objective. Otherwise the rest is scored and the trial counts as any other. Stopped
+    trials do not count toward ``n_trials``; once the study holds ``max_stopped`` of them (default:
+    ``n_trials``), trials run to the end again, so that a study whose every point is hopeless (a
+    constraint nothing meets) still ends.
+    """
+
+    fraction: float = 0.5
+    confidence: float = 0.95
+    dominated: bool = True
+    max_stopped: int | None = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +230,7 @@ class StudySpec:
     description: str = ""
     max_retries: int = DEFAULT_MAX_RETRIES
     max_consecutive_failures: int = 3
+    early_stop: EarlyStop | None = None
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -233,7 +276,9 @@ class StudySpec:
             "search": {v: search(s) for v, s in self.search.items()},
             "objectives": [{**scored(o), "direction": o.direction} for o in self.objectives],
             "constraints": [
-                {**scored(c), **({"max": c.max} if c.max is not None else {"min": c.min})} for c in self.constraints
+                {**scored(c), **({"max": c.max} if c.max is not None else {"min": c.min}),
+                 **({"confidence": c.confidence} if c.confidence is not None else {})}
+                for c in self.constraints
             ],
             "baselines": {
                 "zero": self.baselines.zero,
@@ -255,6 +300,9 @@ class StudySpec:
             "device": self.device,
             "max_retries": self.max_retries,
             "max_consecutive_failures": self.max_consecutive_failures,
+            **({"early_stop": {"fraction": self.early_stop.fraction, "confidence": self.early_stop.confidence,
+                               "dominated": self.early_stop.dominated, "max_stopped": self.early_stop.max_stopped}}
+               if self.early_stop else {}),
         }
 
     def fingerprint(self) -> str:
@@ -281,6 +329,8 @@ class StudySpec:
             "sampler": d["sampler"],
             "seed": d["seed"],
             "n_trials": d["n_trials"],
+            # Only when set, so that the studies made before it keep their fingerprint.
+            **({"early_stop": d["early_stop"]} if "early_stop" in d else {}),
         }
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -350,6 +400,7 @@ def study_spec_from_dict(
     max_failures = f.get("max_consecutive_failures", int, 3)
     if max_failures < 1:
         raise f.fail("max_consecutive_failures", f"should be at least 1, got {max_failures}")
+    early_stop = _early_stop(f)
     f.done()
     return StudySpec(
         name=name,
@@ -368,6 +419,7 @@ def study_spec_from_dict(
         description=description,
         max_retries=max_retries,
         max_consecutive_failures=max_failures,
+        early_stop=early_stop,
         source=source,
     )
 
@@ -497,8 +549,37 @@ def _constraint(raw: Any, section: str, where: str, suite_dirs: list[Path] | Non
     lo = f.get("min", (int, float), None)
     if (hi is None) == (lo is None):
         raise f.fail("max", "give either max: or min: (the bound the score must keep)")
+    confidence = _confidence(f, "confidence", None)
     f.done()
-    return Constraint(max=None if hi is None else float(hi), min=None if lo is None else float(lo), **common)
+    return Constraint(max=None if hi is None else float(hi), min=None if lo is None else float(lo),
+                      confidence=confidence, **common)
+
+
+def _confidence(f: _Fields, key: str, default: float | None) -> float | None:
+    value = f.get(key, (int, float), default)
+    if value is None:
+        return None
+    if not 0.5 <= value < 1.0:
+        raise f.fail(key, f"should be a one-sided confidence in [0.5, 1), e.g. 0.9, got {value!r}")
+    return float(value)
+
+
+def _early_stop(spec: _Fields) -> EarlyStop | None:
+    """``early_stop:`` absent, null or false: off; true: on with the defaults; a mapping: on with its fields."""
+    raw = spec.get("early_stop", (bool, dict), None)
+    if raw is None or raw is False:
+        return None
+    f = _Fields({} if raw is True else raw, spec.where, "early_stop")
+    fraction = f.get("fraction", (int, float), 0.5)
+    if not 0.0 < fraction < 1.0:
+        raise f.fail("fraction", f"should be between 0 and 1 (the share of items scored first), got {fraction!r}")
+    confidence = _confidence(f, "confidence", 0.95)
+    dominated = f.get("dominated", bool, True)
+    max_stopped = f.get("max_stopped", int, None)
+    if max_stopped is not None and max_stopped < 0:
+        raise f.fail("max_stopped", f"should be 0 or more, got {max_stopped}")
+    f.done()
+    return EarlyStop(float(fraction), float(confidence), dominated, max_stopped)  # type: ignore[arg-type]
 
 
 def _baselines(f: _Fields, search: Mapping[str, VectorSearch]) -> Baselines:

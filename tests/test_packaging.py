@@ -34,10 +34,10 @@ def test_suite_names_resolve_from_any_directory(toyworld_small: Path, tmp_path: 
     rows = {r["suite"]: r for r in json.loads(capsys.readouterr().out)}
     benign = rows["toy-benign"]
     assert Path(benign["source"]).parent == ROOT / "objectives"  # the installed (here: editable) suites
-    assert benign["items"] == {"search": 169, "holdout": 239} and benign["default_split"] == "holdout"
+    assert benign["items"] == {"search": 198, "holdout": 239} and benign["default_split"] == "holdout"
     assert benign["split_rule"] == "published (the file per {split})" and not benign["problems"]
     main(["suites", "toy-benign", "--data-root", str(toyworld_small)])
-    assert "169" in capsys.readouterr().out
+    assert "198" in capsys.readouterr().out
     # ./objectives takes precedence over the installed suites, --suites-dir over both.
     (tmp_path / "objectives").mkdir()
     (tmp_path / "objectives" / "toy-benign.yaml").write_text(

@@ -157,6 +157,11 @@ def test_picks_move_to_holdout_once_the_front_is_validated() -> None:
     assert after.split == "holdout" and after.feasible
     assert after.numbers == {"knee": 2, "max-safety": 2, "max-medical": 0}
     assert after.describe().startswith("picks on holdout")
+    assert "max-medical = trial 0 (baseline zero)" in after.describe() and "every pick is a baseline" not in after.describe()
+    # Every searched trial breaks the bound on holdout: the picks are baselines, and say so.
+    only = picks([*rs[:2], _validated(rs[2], 0.85, 0.78, 0.3), rs[3]], DIRS)
+    assert set(only.numbers.values()) <= {0, 1} and only.baselines == {0: "zero", 1: "lambda=0.5"}
+    assert "every pick is a baseline" in only.describe()
     # A front trial not yet validated: back to the search split.
     assert picks([*rs[:2], _rec(2, 0.9, 0.75), rs[3]], DIRS).split == "search"
     # Nothing feasible on holdout: the picks say they break the constraints.
@@ -381,3 +386,22 @@ def test_a_baseline_failed_before_it_ran_is_retried_with_its_own_values(world_sp
     assert retry.number == retry_number and retry.user_attrs[BASELINE_ATTR] == "lambda=0.5"
     coefs = worker.space.suggest(retry)
     assert set(coefs["safety"].values()) == {0.5} and set(coefs["medical"].values()) == {0.0}
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2", "gp", "random", "cmaes-weighted"])
+def test_every_sampler_proposes_past_its_random_start(tmp_path: Path, name: str) -> None:
+    """Each sampler a spec may name samples from its model, not only its random start: `gp` needs scipy
+    from its first model-based trial on (without it every gp trial failed after the start-up ones)."""
+    options = {"tpe": {"n_startup_trials": 2}, "gp": {"n_startup_trials": 2}, "nsga2": {"population_size": 2}}
+    d = spec_dict(tmp_path, tmp_path)
+    d["sampler"] = {"name": name, "options": options.get(name, {})}
+    from safesearch.search import make_sampler
+
+    spec = study_spec_from_dict(d)
+    study = optuna.create_study(directions=spec.directions, sampler=make_sampler(spec))
+    for _ in range(5):
+        t = study.ask()
+        a, b = t.suggest_float("a", 0, 1), t.suggest_float("b", -0.5, 0.5)
+        t.set_constraint("over_refusal", a - 0.8)
+        study.tell(t, objective_values(spec, {"safety": a, "medical": 1 - abs(b)}))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5

@@ -106,6 +106,13 @@ BAD = [
     ("sampler", {"name": "tpe", "options": {"n_startup": 3}}, "s.yaml: sampler.options.n_startup: not an option of tpe"),
     ("sampler", {"name": "cmaes-weighted", "weights": {"speed": 1}}, "s.yaml: sampler.weights.speed: not an objective"),
     ("sampler", {"name": "tpe", "weights": {"safety": 1}}, "s.yaml: sampler.weights: only cmaes-weighted takes"),
+    ("constraints/0/confidence", 1.0, "s.yaml: constraints[0].confidence: should be a one-sided confidence in [0.5, 1)"),
+    ("constraints/0/confidence", "high", "s.yaml: constraints[0].confidence: expected int or float, got str 'high'"),
+    ("early_stop", "soon", "s.yaml: early_stop: expected bool or mapping, got str 'soon'"),
+    ("early_stop", {"fraction": 1.0}, "s.yaml: early_stop.fraction: should be between 0 and 1"),
+    ("early_stop", {"confidence": 0.3}, "s.yaml: early_stop.confidence: should be a one-sided confidence"),
+    ("early_stop", {"max_stopped": -1}, "s.yaml: early_stop.max_stopped: should be 0 or more, got -1"),
+    ("early_stop", {"patience": 3}, "s.yaml: early_stop.patience: unknown field"),
 ]
 
 

@@ -170,6 +170,9 @@ def _trial_line(outcome: Any, n_done: int, n_trials: int) -> str:
     scores = " ".join(f"{k}={v:.3f}" for k, v in outcome.scores.items())
     tag = escape(f" [{outcome.baseline}]") if outcome.baseline else ""
     s = outcome.seconds
+    if outcome.stopped:
+        return (f"trial {outcome.number} stopped early (first slice: {scores}): {escape(outcome.stopped)}"
+                f"  (eval {s['eval']:.1f}s)  study {n_done}/{n_trials}")
     return (f"trial {outcome.number}{tag}: {scores}  (merge {s['merge']:.2f}s, eval {s['eval']:.1f}s)"
             f"  study {n_done}/{n_trials}")
 
@@ -336,8 +339,8 @@ def run_study(spec: StudySpec, storage_url: str | None, device: str | None, arti
             def on_trial(o: Any) -> None:
                 scores = " ".join(f"{k}={v:.3f}" for k, v in o.scores.items())
                 n_done = _complete_count(study)
-                progress.update(task, completed=n_done,
-                                last=f"trial {o.number}{' [' + o.baseline + ']' if o.baseline else ''}: {scores}")
+                what = " stopped early, first slice" if o.stopped else (f" [{o.baseline}]" if o.baseline else "")
+                progress.update(task, completed=n_done, last=escape(f"trial {o.number}{what}: {scores}"))
                 if not console.is_terminal:  # a log (rich draws nothing live there): a line per trial
                     live.console.print(_trial_line(o, n_done, spec.n_trials), highlight=False, soft_wrap=True)
                 live.update(view())
@@ -434,7 +437,17 @@ def pareto_report(study_name: str, storage_url: str | None, plot: Path | None) -
             {"trial": t.number, "baseline": t.user_attrs.get(BASELINE_ATTR), "error": t.user_attrs.get("error")}
             for t in unretried_failures(study)
         ],
+        "stopped_early": _stopped_early(study),
     }
+
+
+def _stopped_early(study: Any) -> list[dict[str, Any]]:
+    """The trials early stopping stopped (PRUNED): not among the n_trials COMPLETE ones, never on the front."""
+    from optuna.trial import TrialState
+
+    return [{"trial": t.number, "reason": t.user_attrs.get("early_stop", {}).get("reason"),
+             "scores": t.user_attrs.get("early_stop", {}).get("scores", {})}
+            for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))]
 
 
 @click.command("pareto")
@@ -455,6 +468,9 @@ def pareto(study_name: str, storage_url: str | None, as_json: bool, plot: Path |
     console.print(_front_table(rs, _directions(spec), f"study {study_name}: Pareto front (*) and baselines",
                                references=report["references"]))
     console.print(report["picks_line"], highlight=False, soft_wrap=True)
+    if report["stopped_early"]:
+        console.print(f"{len(report['stopped_early'])} more trials were stopped early (hopeless after their first "
+                      "slice; not on the front)", highlight=False)
     console.print(f"plot: {report['plot']}")
     _warn_unretried(study, Console(stderr=True))
 

@@ -571,6 +571,10 @@ study_edit("holdout split is the search split", [(("objectives", 0, "holdout_spl
 study_edit("split empty", [(("constraints", 0, "split"), "")], "split")
 study_edit("data_root missing", lambda ws, d: [(("data_root",), str(d / "nodata"))], "nodata")
 study_edit("max_retries negative", [(("max_retries",), -1)], "max_retries")
+study_edit("constraint confidence 1", [(("constraints", 0, "confidence"), 1.0)], "confidence")
+study_edit("early_stop a string", [(("early_stop",), "soon")], "early_stop")
+study_edit("early_stop fraction 0", [(("early_stop",), {"fraction": 0})], "fraction")
+study_edit("early_stop unknown field", [(("early_stop",), {"patience": 2})], "patience")
 study_edit("description a list", [(("description",), ["a"])], "description")
 # A family of such releases (its vectors merge: the graft reads tensors), but no backend runs the anchor.
 study_edit("anchor a custom-code release", lambda ws, d: [(("graft",), {**ws.graft_dict(), "checkpoints": {
