@@ -379,9 +379,14 @@ def score_all(spec: StudySpec, results: Mapping[str, SuiteResult], holdout: bool
     }
 
 
-def constraint_bounds(spec: StudySpec) -> dict[str, str]:
-    """Each constraint's bound as words ("max 0.1"), for notes and tables."""
-    return {c.name: f"max {c.max:g}" if c.max is not None else f"min {c.min:g}" for c in spec.constraints}
+def constraint_bounds(spec: StudySpec, *, search: bool = True) -> dict[str, str]:
+    """Each constraint's bound as words ("max 0.1", on the search split "max 0.1 at 90% confidence" when
+    the bound is checked on its Wilson bound), for notes and tables."""
+    def words(c: Constraint) -> str:
+        bound = f"max {c.max:g}" if c.max is not None else f"min {c.min:g}"
+        return bound + (f" at {c.confidence:.0%} confidence" if search and c.confidence is not None else "")
+
+    return {c.name: words(c) for c in spec.constraints}
 
 
 def feasible(scored: Mapping[str, Any]) -> bool | None:

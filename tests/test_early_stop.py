@@ -18,7 +18,16 @@ from safesearch.earlystop import Measured, hopeless, slice_size, split_items
 from safesearch.evaluate import combine, evaluate
 from safesearch.pareto import front, records
 from safesearch.rates import lower_bound, upper_bound
-from safesearch.search import BASELINE_ATTR, ensure_study, open_worker, pooled_n, run_tasks, score_all, sliced
+from safesearch.search import (
+    BASELINE_ATTR,
+    constraint_bounds,
+    ensure_study,
+    open_worker,
+    pooled_n,
+    run_tasks,
+    score_all,
+    sliced,
+)
 from safesearch.studyspec import EarlyStop, StudySpec, study_spec_from_dict
 
 DIRS = {"safety": "maximize", "medical": "maximize"}
@@ -87,6 +96,9 @@ def test_a_constraint_with_a_confidence_is_checked_on_its_bound(tmp_path: Path) 
     assert c.confidence == 0.9 and c.violation(0.05) == pytest.approx(-0.05)  # no n: the rate itself
     assert c.violation(0.05, 40) == pytest.approx(upper_bound(0.05, 40, 0.9) - 0.1) and c.violation(0.05, 40) > 0
     assert c.violation(0.0, 40) < 0
+    # What notes say: the search split's check at its confidence, holdout's on the rate.
+    assert constraint_bounds(spec) == {"over_refusal": "max 0.1 at 90% confidence"}
+    assert constraint_bounds(spec, search=False) == {"over_refusal": "max 0.1"}
     again = study_spec_from_dict(spec.to_dict())
     assert again.constraints[0].confidence == 0.9 and again.fingerprint() == spec.fingerprint()
     assert spec.fingerprint() != study_spec_from_dict(spec_dict(tmp_path, tmp_path)).fingerprint()

@@ -592,7 +592,7 @@ def _note_holdout(study: Any, spec: StudySpec, number: int, h: dict[str, Any]) -
     from safesearch.search import constraint_bounds
 
     trial_id = study.get_trials(deepcopy=False)[number]._trial_id
-    section = scores_section(HOLDOUT_HEADING, h["scores"], h["constraint_scores"], constraint_bounds(spec),
+    section = scores_section(HOLDOUT_HEADING, h["scores"], h["constraint_scores"], constraint_bounds(spec, search=False),
                              h["suites"], h["feasible"] if spec.constraints else None)
     save_trial_note(study, trial_id, with_holdout(trial_note_of(study, trial_id), section))
 
