@@ -65,8 +65,8 @@ def hypervolume(points: list[tuple[float, float]]) -> float:
     return area
 
 
-def run_arm(arm: str, seed: int, budgets: list[int], world: Path, worker: Any, holdout_tasks: Any,
-            base_spec: Any, cache: dict) -> dict[str, Any]:
+def run_arm(arm: str, seed: int, budgets: list[int], worker: Any, holdout_tasks: Any, base_spec: Any,
+            cache: dict) -> dict[str, Any]:
     import optuna
 
     from safesearch.pareto import front, records
@@ -104,7 +104,8 @@ def run_arm(arm: str, seed: int, budgets: list[int], world: Path, worker: Any, h
                 runs.append((b, [t for t in trials if t.number <= last], [r for r in every if r.number <= last]))
 
         def validated(r: Any) -> dict[str, Any]:
-            key = (arm, seed if arm != "grid" else 0, r.number, json.dumps(r.coefficients, sort_keys=True))
+            # Holdout scores are a function of the coefficients alone: shared by every arm and seed.
+            key = json.dumps(r.coefficients, sort_keys=True)
             if key not in cache:
                 worker.grafted.apply(r.coefficients)
                 cache[key] = holdout_scores(spec, worker.grafted.backend, holdout_tasks)
@@ -131,7 +132,6 @@ def run_arm(arm: str, seed: int, budgets: list[int], world: Path, worker: Any, h
         if arm in ("tpe", "tpe+early-stop"):
             # Holdout HV after each COMPLETE trial, against the evaluation seconds spent so far.
             _, trials, _ = runs[-1]
-            every = records(study)
             curve, spent, items = [], 0.0, 0
             for t in trials:
                 spent += t.user_attrs.get("seconds", {}).get("eval", 0.0)
@@ -186,7 +186,7 @@ def measure(args: argparse.Namespace) -> None:
                 if path.exists():
                     continue
                 t0 = time.perf_counter()
-                result = run_arm(arm, seed, args.budgets, args.world, worker, holdout_tasks, spec, cache)
+                result = run_arm(arm, seed, args.budgets, worker, holdout_tasks, spec, cache)
                 result["wall_s"] = time.perf_counter() - t0
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(result, indent=1))

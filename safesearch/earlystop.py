@@ -20,6 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from safesearch.pareto import dominates
 from safesearch.rates import lower_bound, upper_bound
 from safesearch.studyspec import Constraint, EarlyStop, Objective
 
@@ -76,8 +77,6 @@ def dominated_by(best: Mapping[str, float], front: Sequence[tuple[int, Mapping[s
                  directions: Mapping[str, str]) -> int | None:
     """The number of the first front trial that dominates the point ``best`` (None: none does, or
     ``best`` is unknown on some objective)."""
-    from safesearch.pareto import dominates
-
     if any(math.isnan(v) for v in best.values()):
         return None
     for number, scores in front:

@@ -328,8 +328,8 @@ def combine(suite: Suite, items: Sequence[Item], parts: Sequence[SuiteResult]) -
     :func:`evaluate` would count them on ``items`` at once."""
     by_id = {o.id: o for part in parts for o in part.items}
     outcomes = [by_id[it.id] for it in items]
-    metrics = (_choice_metrics(suite, outcomes) if suite.metric in ("mcq_loglik", "mcq_generate", "vqa_closed")
-               else _judged_metrics(suite, outcomes))
+    judged = METRIC_KINDS[suite.metric] in ("harmful", "benign")
+    metrics = _judged_metrics(suite, outcomes) if judged else _choice_metrics(suite, outcomes)
     return SuiteResult(suite.name, suite.dimension, suite.metric, metrics, tuple(outcomes))
 
 

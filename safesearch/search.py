@@ -62,6 +62,7 @@ from safesearch.dashboard import (
     trial_note,
 )
 from safesearch.datasets import Item
+from safesearch.earlystop import Measured, hopeless, split_items
 from safesearch.errors import UserError
 from safesearch.evaluate import (
     SuiteResult,
@@ -77,7 +78,7 @@ from safesearch.evaluate import (
 )
 from safesearch.judges import Judge
 from safesearch.splits import ids_digest
-from safesearch.storage import BASELINE_ATTR, RetryTrial, give_up
+from safesearch.storage import BASELINE_ATTR, RetryTrial, count_states, give_up
 from safesearch.studyspec import (
     Constraint,
     Objective,
@@ -336,8 +337,6 @@ def run_tasks(backend: Backend, tasks: Mapping[str, Task]) -> dict[str, SuiteRes
 def sliced(tasks: Mapping[str, Task], fraction: float) -> tuple[dict[str, Task], dict[str, Task]]:
     """(each task on its first ``fraction`` of items, each task on the rest): early stopping's two
     stages (:func:`safesearch.earlystop.split_items`, the items' seeded order)."""
-    from safesearch.earlystop import split_items
-
     first, rest = {}, {}
     for key, t in tasks.items():
         a, b = split_items([subset_rank(it.id, t.suite.subset.seed) for it in t.items], fraction)
@@ -742,8 +741,6 @@ class Worker:
     def _evaluate(self, study: optuna.Study, trial: optuna.Trial) -> dict[str, SuiteResult] | Stopped:
         """Every task's result; with early stopping, the first slice, then the rest unless the trial is
         hopeless (a :class:`Stopped`). Baselines always run to the end."""
-        from safesearch.storage import count_states
-
         backend = self.grafted.backend
         rule = self.spec.early_stop
         if rule is None or trial.user_attrs.get(BASELINE_ATTR):
@@ -751,12 +748,12 @@ class Worker:
         cap = self.spec.n_trials if rule.max_stopped is None else rule.max_stopped
         if count_states(study)[TrialState.PRUNED] >= cap:
             return run_tasks(backend, self.tasks)
-        from safesearch.earlystop import Measured, hopeless
-
         first, rest = self._stages(rule.fraction)
         partial = run_tasks(backend, first)
         measured = {x.name: Measured(*pooled_n(x, partial)) for x in (*self.spec.objectives, *self.spec.constraints)}
-        why = hopeless(rule, self.spec.objectives, self.spec.constraints, measured, current_front(study, self.spec))
+        # The front is read from the storage only when the dominance rule will look at it.
+        front = current_front(study, self.spec) if rule.dominated else []
+        why = hopeless(rule, self.spec.objectives, self.spec.constraints, measured, front)
         if why is not None:
             return Stopped(why, partial)
         more = run_tasks(backend, rest)

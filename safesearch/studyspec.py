@@ -71,6 +71,7 @@ from typing import Any
 
 from safesearch.errors import UserError
 from safesearch.graftspec import GraftSpec, graft_field
+from safesearch.rates import lower_bound, upper_bound
 from safesearch.suites import Suite, default_data_root, load_suite
 from safesearch.textfiles import read_yaml
 
@@ -168,8 +169,6 @@ class Constraint:
     def violation(self, score: float, n: float | None = None) -> float:
         """Optuna's constraint value: <= 0 when feasible. ``n``: the items ``score`` rests on; with it and a
         ``confidence``, the bound is tested (see the class)."""
-        from safesearch.rates import lower_bound, upper_bound
-
         if self.max is not None:
             if self.confidence is not None and n is not None:
                 score = upper_bound(score, n, self.confidence)

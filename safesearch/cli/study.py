@@ -445,9 +445,11 @@ def _stopped_early(study: Any) -> list[dict[str, Any]]:
     """The trials early stopping stopped (PRUNED): not among the n_trials COMPLETE ones, never on the front."""
     from optuna.trial import TrialState
 
-    return [{"trial": t.number, "reason": t.user_attrs.get("early_stop", {}).get("reason"),
-             "scores": t.user_attrs.get("early_stop", {}).get("scores", {})}
-            for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))]
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        stop = t.user_attrs.get("early_stop", {})
+        out.append({"trial": t.number, "reason": stop.get("reason"), "scores": stop.get("scores", {})})
+    return out
 
 
 @click.command("pareto")
