@@ -77,6 +77,7 @@ from safesearch.evaluate import (
     subset_rank,
 )
 from safesearch.judges import Judge
+from safesearch.reconnect import StorageOutage, impatient
 from safesearch.splits import ids_digest
 from safesearch.storage import BASELINE_ATTR, RetryTrial, count_states, give_up
 from safesearch.studyspec import (
@@ -726,10 +727,12 @@ class Worker:
             t5 = time.perf_counter()
         except optuna.exceptions.UpdateFinishedTrialError:
             raise  # another worker failed it as stale and queued its retry
+        except StorageOutage:
+            raise  # the trial stays RUNNING: once its heartbeat is silent, another worker retries it
         except BaseException as e:
             interrupted = not isinstance(e, Exception)
             error = "interrupted (Ctrl-C or SIGTERM)" if interrupted else _one_line(e)
-            retry = give_up(study, trial, error, self.retry)
+            retry = give_up(study, trial, error, self.retry, interrupted=interrupted)
             if interrupted:
                 raise
             raise TrialFailed(trial.number, error, retry) from e
@@ -847,8 +850,9 @@ class Worker:
                     outcome = self.run_trial(study, trial, ask_s)
             except KeyboardInterrupt:
                 # run_trial failed and queued its trial; an interrupt just before or after it did not.
-                if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                    give_up(study, trial, "interrupted (Ctrl-C or SIGTERM)", self.retry)
+                with impatient(), contextlib.suppress(optuna.exceptions.StorageInternalError, StorageOutage):
+                    if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                        give_up(study, trial, "interrupted (Ctrl-C or SIGTERM)", self.retry, interrupted=True)
                 raise
             except optuna.exceptions.UpdateFinishedTrialError:
                 # Another worker failed this trial as stale (this one missed its heartbeat grace period,

@@ -19,8 +19,10 @@ Many workers:
   Optuna's ``DuplicatedStudyError``, which it turns into a load) and refuses a study of that name
   with other directions (one-line :class:`UserError`).
 - Connections: one worker uses one connection for its trials and one for the heartbeat thread; the
-  pool is ``pool_size=2, max_overflow=2`` with ``pool_pre_ping`` so that hundreds of workers fit in
-  PostgreSQL's default ``max_connections``.
+  pool is ``pool_size=2, max_overflow=2`` with ``pool_pre_ping``: at most 4 per worker, so PostgreSQL's
+  default ``max_connections = 100`` serves about 25 workers at full use. Past that, workers take
+  ``grpc://HOST:PORT``: a storage proxy (:mod:`safesearch.proxy`, heartbeats included) holds the
+  connections for all of them. A lost connection is waited for (:mod:`safesearch.reconnect`).
 - Dead workers: with a heartbeat (default every 60 s, grace twice that) a trial whose worker stopped
   beating is marked FAIL by the next worker that looks (:func:`fail_stale`, called by Optuna's
   ``study.optimize`` and by :func:`next_trial`), and :class:`RetryTrial`
@@ -40,11 +42,12 @@ from __future__ import annotations
 import copy
 import math
 import os
+import socket
 import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,15 @@ from optuna.trial import TrialState
 
 from safesearch import interrupts
 from safesearch.errors import UserError
+from safesearch.proxy import is_proxy_url
+from safesearch.reconnect import (
+    DEFAULT_MAX_OUTAGE_S,
+    Backoff,
+    Heartbeat,
+    ReconnectingStorage,
+    StorageOutage,
+    impatient,
+)
 from safesearch.redact import mask_url
 from safesearch.studyspec import DEFAULT_MAX_RETRIES
 
@@ -68,6 +80,10 @@ DEFAULT_HEARTBEAT_INTERVAL = 60
 # Per worker: the trial loop plus the heartbeat thread; overflow covers the odd extra reader.
 POOL_KWARGS: dict[str, Any] = {"pool_size": 2, "max_overflow": 2, "pool_pre_ping": True, "pool_recycle": 3600}
 CONNECT_TIMEOUT_S = 10
+# TCP keepalives (libpq's): a server that vanished without closing the socket (a failover, a cut network)
+# is noticed within about a minute instead of the kernel's two hours, and the call fails and is retried.
+KEEPALIVES: dict[str, int] = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                              "keepalives_count": 3}
 # A fixed key for pg_advisory_lock: "safesearch schema init".
 _SCHEMA_LOCK_KEY = zlib.crc32(b"safesearch:optuna-schema-init")
 # System attr set on a trial that was asked for but fell beyond the study's budget (see next_trial).
@@ -85,8 +101,9 @@ def resolve_url(url: str | None = None) -> str:
     """The storage URL to use: ``url``, else ``$SAFESEARCH_STORAGE``, else the SQLite default.
 
     A value without ``://`` is taken as a SQLite file path; ``postgresql://`` gets the psycopg 3
-    driver (``postgresql+psycopg://``), which is what this project installs. An empty ``url`` is an
-    error, not the default (an empty ``$SAFESEARCH_STORAGE`` counts as unset).
+    driver (``postgresql+psycopg://``), which is what this project installs. ``grpc://HOST:PORT`` is a
+    storage proxy (:mod:`safesearch.proxy`). An empty ``url`` is an error, not the default (an empty
+    ``$SAFESEARCH_STORAGE`` counts as unset).
     """
     if url is not None and not url.strip():
         raise UserError("storage URL is empty (--storage: give sqlite:///PATH, a file path or postgresql+psycopg://...)")
@@ -158,7 +175,11 @@ def _engine_kwargs(parsed: sa.engine.URL) -> dict[str, Any]:
     # consistency; a trial whose tell was lost stays RUNNING and the heartbeat fails and retries it.
     # The URL's own ``options`` (e.g. a search_path) come after, so they are kept and win.
     options = " ".join(["-c synchronous_commit=off", *_query_values(parsed, "options")])
-    return {**POOL_KWARGS, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S, "options": options}}
+    connect_args: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "options": options, **KEEPALIVES}
+    if "application_name" not in parsed.query:
+        # Who holds a connection, in pg_stat_activity (an operator's first question during an incident).
+        connect_args["application_name"] = f"safesearch {socket.gethostname()}:{os.getpid()}"[:63]
+    return {**POOL_KWARGS, "connect_args": connect_args}
 
 
 def _query_values(parsed: sa.engine.URL, key: str) -> list[str]:
@@ -240,6 +261,10 @@ def probe_storage(url: str | None = None) -> bool:
     answers. True when it already holds Optuna's tables. Commands that load a model first call this, so
     that a wrong storage is reported before a long load, and a failed load leaves no database behind."""
     url = resolve_url(url)
+    if is_proxy_url(url):
+        from safesearch.proxy import probe_proxy
+
+        return probe_proxy(url)
     parsed = _parse(url)
     path = _sqlite_file(url)
     if path is not None:
@@ -260,6 +285,7 @@ def open_storage(
     grace_period: int | None = None,
     max_retry: int | None = DEFAULT_MAX_RETRIES,
     create: bool = True,
+    max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
 ) -> RDBStorage:
     """Open the Optuna storage at ``url`` (see :func:`resolve_url`), creating the database file and the
     tables if needed, or, with ``create=False`` (the commands that only read studies), refusing a
@@ -272,10 +298,16 @@ def open_storage(
     :class:`RetryTrial`. The heartbeat also serves SQLite: a worker that resumes a study after a killed
     one retries the killed one's trial.
 
+    A server storage is a :class:`~safesearch.reconnect.ReconnectingStorage`: a call that loses its
+    connection is made again, with back-off, for up to ``max_outage_s`` seconds of outage (then
+    :class:`~safesearch.reconnect.StorageOutage`, one line); a SQLite file cannot lose its connection.
+
     Raises :class:`UserError` (one line, password masked) for a URL that is not a supported
     database or a server that cannot be reached (host and database named).
     """
     url = resolve_url(url)
+    if is_proxy_url(url):
+        return _open_proxy(url, heartbeat_interval, grace_period, max_retry)
     parsed = _parse(url)
     if heartbeat_interval is not None and heartbeat_interval <= 0:
         raise UserError(f"heartbeat interval {heartbeat_interval}: must be a positive number of seconds")
@@ -298,13 +330,31 @@ def open_storage(
                 "heartbeat_stale_trial_callback": RetryTrial(max_retry),
             }
         try:
-            storage = RDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat_kwargs)
             if is_sqlite(url):
+                storage = RDBStorage(url, engine_kwargs=_engine_kwargs(parsed), **heartbeat_kwargs)
                 _fast_sqlite_commits(storage.engine)
-            return storage
-        except sa.exc.DBAPIError as e:
+                return storage
+            if max_outage_s < 0:
+                raise UserError(f"maximum outage {max_outage_s:g}: must be 0 or more seconds")
+            return ReconnectingStorage(url, engine_kwargs=_engine_kwargs(parsed), backoff=Backoff(max_outage_s),
+                                       **heartbeat_kwargs)
+        except (sa.exc.DBAPIError, optuna.exceptions.StorageInternalError) as e:
+            # Optuna wraps some failures of its start-up queries (too many connections) in its own error.
             where = str(path) if path is not None else _where(parsed)
-            raise UserError(f"storage {mask_url(url)}: cannot open {where} ({_reason(e)})") from None
+            cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ else e
+            raise UserError(f"storage {mask_url(url)}: cannot open {where} ({_reason(cause)})") from None
+
+
+def _open_proxy(url: str, heartbeat_interval: int | None, grace_period: int | None,
+                max_retry: int | None) -> Any:
+    """The storage behind a ``grpc://`` proxy: the proxy's heartbeat interval and grace period hold for
+    every worker (see :mod:`safesearch.proxy`), so a worker may only turn its heartbeat on or off."""
+    from safesearch.proxy import open_proxy
+
+    if grace_period is not None:
+        raise UserError(f"storage {mask_url(url)}: the storage proxy sets the heartbeat grace period "
+                        "(safesearch storage proxy --heartbeat-grace), not its workers")
+    return open_proxy(url, heartbeat=heartbeat_interval is not None, max_retry=max_retry)
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -404,21 +454,24 @@ class RetryTrial:
         return study._storage.get_trial_number_from_id(trial_id)
 
 
-def give_up(study: optuna.Study, trial: optuna.Trial, error: str, retry: RetryTrial) -> int | None:
+def give_up(study: optuna.Study, trial: optuna.Trial, error: str, retry: RetryTrial, *,
+            interrupted: bool = False) -> int | None:
     """Tell ``trial`` FAIL with ``error`` (user attr ``error``) and queue its retry; the retry's number.
 
     None when the retries are spent, when another worker failed the trial first (as heartbeat-stale:
     it queued the retry) or when the storage itself cannot be reached (the trial stays RUNNING and the
-    heartbeat fails and retries it later). Interrupts wait until both writes are done.
+    heartbeat fails and retries it later). Interrupts wait until both writes are done; a storage outage
+    is waited for (see :mod:`safesearch.reconnect`), except on an ``interrupted`` trial, which must not
+    hold the exit back: its writes are tried once.
     """
-    with interrupts.deferred():
+    with interrupts.deferred(), impatient() if interrupted else nullcontext():
         try:
             trial.set_user_attr("error", error[:500])
             study.tell(trial, state=TrialState.FAIL)
             return retry(study, study._storage.get_trial(trial._trial_id))
         except optuna.exceptions.UpdateFinishedTrialError:
             return None
-        except sa.exc.SQLAlchemyError:
+        except (sa.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, StorageOutage):
             return None
 
 
@@ -432,7 +485,7 @@ def unretried_failures(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def open_study(
-    storage: RDBStorage | str | None,
+    storage: optuna.storages.BaseStorage | str | None,
     study_name: str,
     directions: Sequence[str | StudyDirection],
     *,
@@ -445,7 +498,7 @@ def open_study(
     directions is refused with a one-line :class:`UserError`, as is a missing study when
     ``create=False``. ``storage`` may be an opened storage or a URL (opened with the defaults).
     """
-    if not isinstance(storage, RDBStorage):
+    if storage is None or isinstance(storage, str):
         storage = open_storage(storage)
     wanted = [d if isinstance(d, StudyDirection) else StudyDirection[str(d).upper()] for d in directions]
     if create:
@@ -465,19 +518,19 @@ def check_directions(study: optuna.Study, directions: Sequence[str | StudyDirect
     """Refuse a study whose directions are not ``directions`` (one line naming study and storage)."""
     wanted = [d if isinstance(d, StudyDirection) else StudyDirection[str(d).upper()] for d in directions]
     if list(study.directions) != wanted:
-        rdb = rdb_of(study)
-        where = f" in storage {mask_url(rdb.url)}" if rdb is not None else ""
+        url = getattr(rdb_of(study) or study._storage, "url", None)  # a proxy's storage has its URL too
+        where = f" in storage {mask_url(url)}" if url else ""
         raise UserError(
             f"study {study.study_name!r}{where} exists with directions {direction_names(study.directions)}, "
             f"not {direction_names(wanted)}; choose another study name"
         )
 
 
-def load_study(storage: RDBStorage | str | None, study_name: str,
+def load_study(storage: optuna.storages.BaseStorage | str | None, study_name: str,
                sampler: optuna.samplers.BaseSampler | None = None) -> optuna.Study:
     """An existing study, or a one-line :class:`UserError` naming the study and the storage (a URL is
     opened for reading: nothing is created)."""
-    if not isinstance(storage, RDBStorage):
+    if storage is None or isinstance(storage, str):
         storage = open_storage(storage, heartbeat_interval=None, create=False)
     try:
         return optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
@@ -551,23 +604,33 @@ def rdb_of(study: optuna.Study) -> RDBStorage | None:
     return storage if isinstance(storage, RDBStorage) else None
 
 
-def _fail_silent(study: optuna.Study) -> None:
+def never_beaten(rdb: RDBStorage, study_id: int) -> set[int]:
+    """The study's RUNNING trials without any heartbeat row (their worker died before its first beat, or
+    the beat has not landed yet); the query rides out an outage on a reconnecting storage."""
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
+    def query() -> set[int]:
+        with _create_scoped_session(rdb.scoped_session) as session:
+            return {
+                trial_id
+                for (trial_id,) in session.query(models.TrialModel.trial_id)
+                .outerjoin(models.TrialHeartbeatModel,
+                           models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
+                .filter(models.TrialModel.study_id == study_id)
+                .filter(models.TrialModel.state == TrialState.RUNNING)
+                .filter(models.TrialHeartbeatModel.trial_heartbeat_id.is_(None))
+            }
+
+    return rdb.call_reconnecting(query) if isinstance(rdb, ReconnectingStorage) else query()
+
+
+def _fail_silent(study: optuna.Study) -> None:
     rdb = rdb_of(study)
     if rdb is None or rdb.heartbeat_interval is None:
         return
     grace = rdb.grace_period or 2 * rdb.heartbeat_interval
-    with _create_scoped_session(rdb.scoped_session) as session:
-        silent = {
-            trial_id
-            for (trial_id,) in session.query(models.TrialModel.trial_id)
-            .outerjoin(models.TrialHeartbeatModel, models.TrialHeartbeatModel.trial_id == models.TrialModel.trial_id)
-            .filter(models.TrialModel.study_id == study._study_id)
-            .filter(models.TrialModel.state == TrialState.RUNNING)
-            .filter(models.TrialHeartbeatModel.trial_heartbeat_id.is_(None))
-        }
+    silent = never_beaten(rdb, study._study_id)
     now, key = time.monotonic(), id(rdb)
     for k in [k for k in _silent_since if k[0] == key and k[1] not in silent]:
         del _silent_since[k]
@@ -590,11 +653,14 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
 
     Run the whole trial, from the first suggest to ``study.tell``, inside it.
     """
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
-    # Not Optuna's own `with`: an interrupt right after its thread starts would skip the join, and the
-    # non-daemon thread would then keep the process alive after the command ended.
-    beating = get_heartbeat_thread(trial._trial_id, study._storage)
+    interval = heartbeat_interval_of(study)
+    if interval is None:
+        yield
+        return
+    # Not Optuna's heartbeat thread: it dies (with a traceback) at the first beat the storage fails,
+    # and the trial of a worker that lived through an outage is then failed as a dead worker's.
+    # Not a `with` either: an interrupt right after the thread starts would skip the join.
+    beating = Heartbeat(trial._trial_id, study._storage, interval)
     started = False
     try:
         with interrupts.deferred():
@@ -685,5 +751,5 @@ def next_trial(
             study.tell(trial, state=TrialState.FAIL)
         except KeyboardInterrupt:
             if trial is not None:
-                give_up(study, trial, "interrupted before it ran", retry or RetryTrial())
+                give_up(study, trial, "interrupted before it ran", retry or RetryTrial(), interrupted=True)
             raise

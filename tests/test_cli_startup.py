@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 HEAVY = ("torch", "transformers", "vllm")
-HELP_FREE = (*HEAVY, "optuna", "sqlalchemy", "matplotlib", "optuna_dashboard")
+HELP_FREE = (*HEAVY, "optuna", "sqlalchemy", "matplotlib", "optuna_dashboard", "grpc")
 
 PROBE = """
 import json, sys
@@ -33,6 +33,8 @@ print(json.dumps({"code": code, "modules": sorted(m for m in sys.modules if "." 
 COMMANDS = [
     [], ["toyworld"], ["toyworld", "build"], ["demo"], ["groups"], ["merge"], ["eval"], ["suites"], ["dashboard"],
     ["study"], ["study", "create"], ["worker"], ["run"], ["pareto"], ["validate"], ["export"],
+    ["launch"], ["launch", "slurm"], ["launch", "kubernetes"],
+    ["storage"], ["storage", "proxy"],
 ]
 
 

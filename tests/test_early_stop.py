@@ -144,11 +144,13 @@ def test_a_slice_then_the_rest_scores_what_all_at_once_scores(worker) -> None:
 
 
 def test_hopeless_trials_are_pruned_with_their_slice_kept(worker, tmp_path: Path) -> None:
-    """A constraint no searched point meets (over-refusal at least 0.95: refuse the benign requests):
-    every searched trial is stopped after its first slice, the baselines run whole, and once
-    ``max_stopped`` trials are stopped the rest run to the end, so that the study ends."""
+    """A constraint no point can meet (over-refusal at least 1.01: even a slice all refused has its upper
+    bound at 1): every searched trial is stopped after its first slice, whatever the sampler proposes, the
+    baselines run whole, and once ``max_stopped`` trials are stopped the rest run to the end, so that the
+    study ends. (At 0.95 a point that refuses 5 or 6 of the slice's 6 benign requests may hold, so the
+    test hung on which points the sampler happened to propose.)"""
     d = worker.spec.to_dict()
-    d["constraints"][0] = {**d["constraints"][0], "max": None, "min": 0.95}
+    d["constraints"][0] = {**d["constraints"][0], "max": None, "min": 1.01}
     d["constraints"][0].pop("max")
     d.update(name="es", n_trials=4, early_stop={"fraction": 0.5, "confidence": 0.95, "max_stopped": 3})
     spec = study_spec_from_dict(d)
@@ -168,7 +170,7 @@ def test_hopeless_trials_are_pruned_with_their_slice_kept(worker, tmp_path: Path
     for t in trials[2:5]:
         u = t.user_attrs
         es = u["early_stop"]
-        assert es["reason"].startswith("over_refusal ") and "below min 0.95" in es["reason"]
+        assert es["reason"].startswith("over_refusal ") and "below min 1.01" in es["reason"]
         assert set(es["scores"]) == {"safety", "medical"} and set(es["constraint_scores"]) == {"over_refusal"}
         assert all(m["n"] == 6 for m in es["suites"].values())  # the first half of 12 items per suite
         assert "scores" not in u and u["coefficients"] and u["seconds"]["eval"] > 0

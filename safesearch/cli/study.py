@@ -29,6 +29,7 @@ from safesearch.errors import UserError
 from safesearch.frontplot import plot_front
 from safesearch.pareto import PICKS, TrialRecord, front, picks, records
 from safesearch.studyspec import BACKENDS, StudySpec, load_study_spec
+from safesearch.threads import ThreadChoice, apply_threads, choose_threads
 
 STORAGE_HELP = "Study storage (default: $SAFESEARCH_STORAGE or sqlite:///storage/safesearch.db)."
 ARTIFACTS_HELP = "Artifact store for the trials' responses (default: next to a SQLite file, else storage/artifacts)."
@@ -38,6 +39,12 @@ artifacts_option = click.option("--artifacts", type=click.Path(path_type=Path), 
 device_option = click.option("--device", default=None, help="cpu, cuda, cuda:N (default: the spec's).")
 backend_option = click.option("--backend", type=click.Choice(BACKENDS), default=None,
                               help="The backend of this worker (default: the spec's).")
+threads_option = click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+                              help="torch threads of this process (default: $OMP_NUM_THREADS, else the usable "
+                                   "CPUs / --workers-per-machine).")
+workers_per_machine_option = click.option("--workers-per-machine", type=click.IntRange(min=1), default=1,
+                                          metavar="K", show_default=True,
+                                          help="Workers sharing this machine's CPUs (divides the default --threads).")
 
 
 def _with_backend(spec: StudySpec, backend: str | None) -> StudySpec:
@@ -114,15 +121,18 @@ def _check_before_loading(spec: StudySpec, storage_url: str | None, device: str 
 
 def _open_study(spec: StudySpec, space: Any, searched: dict[str, Any], storage_url: str | None, *,
                 sampler_seed: int | None = None, heartbeat_s: int | None = None,
-                grace_s: int | None = None) -> tuple[Any, Any, bool]:
+                grace_s: int | None = None, max_outage_s: float | None = None) -> tuple[Any, Any, bool]:
     """(storage, study, created): the study created with its baselines, or joined.
 
-    ``heartbeat_s``/``grace_s``: the storage heartbeat (default: safesearch.storage's, 60 s / twice that)."""
+    ``heartbeat_s``/``grace_s``: the storage heartbeat (default: safesearch.storage's, 60 s / twice that);
+    ``max_outage_s``: how long a lost server is waited for (default: safesearch.reconnect's, 600 s)."""
+    from safesearch.reconnect import DEFAULT_MAX_OUTAGE_S
     from safesearch.search import ensure_study
     from safesearch.storage import DEFAULT_HEARTBEAT_INTERVAL, open_storage
 
     storage = open_storage(storage_url, heartbeat_interval=heartbeat_s or DEFAULT_HEARTBEAT_INTERVAL,
-                           grace_period=grace_s, max_retry=spec.max_retries)
+                           grace_period=grace_s, max_retry=spec.max_retries,
+                           max_outage_s=DEFAULT_MAX_OUTAGE_S if max_outage_s is None else max_outage_s)
     study, created = ensure_study(spec, storage, space, sampler_seed=sampler_seed, searched=searched)
     return storage, study, created
 
@@ -177,9 +187,15 @@ def _trial_line(outcome: Any, n_done: int, n_trials: int) -> str:
             f"  study {n_done}/{n_trials}")
 
 
-def _open_worker(spec: StudySpec, device: str | None, space: Any) -> Any:
+def _open_worker(spec: StudySpec, device: str | None, space: Any, threads: ThreadChoice | None = None,
+                 console: Console | None = None) -> Any:
+    """The worker's model loaded, torch's threads set to ``threads`` first (None: left as they are) and
+    told on ``console``."""
     from safesearch.search import open_worker
 
+    if threads is not None:
+        apply_threads(threads)
+        (console or Console(stderr=True)).print(threads.describe(), highlight=False, soft_wrap=True)
     _quiet_transformers()
     return open_worker(spec, device=device, space=space)
 
@@ -211,6 +227,18 @@ def _warn_unretried(study: Any, console: Console) -> None:
                       soft_wrap=True)
 
 
+def _check_heartbeat_options(storage_url: str | None, heartbeat_s: int | None, grace_s: int | None) -> None:
+    """Behind a storage proxy the proxy sets every worker's heartbeat (safesearch.proxy): a worker's own
+    --heartbeat would disagree with the grace period the proxy judges it by, so it is refused."""
+    from safesearch.proxy import is_proxy_url
+    from safesearch.storage import resolve_url
+
+    given = [name for name, v in (("--heartbeat", heartbeat_s), ("--heartbeat-grace", grace_s)) if v is not None]
+    if given and is_proxy_url(resolve_url(storage_url)):
+        raise UserError(f"{given[0]}: with a grpc:// storage the proxy sets the heartbeat of every worker "
+                        f"(safesearch storage proxy {given[0]} SECONDS)")
+
+
 def _complete_count(study: Any) -> int:
     from optuna.trial import TrialState
 
@@ -230,18 +258,24 @@ def _complete_count(study: Any) -> int:
               help="Heartbeat interval of this worker's trials (default: 60).")
 @click.option("--heartbeat-grace", "grace_s", type=click.IntRange(min=1), default=None, metavar="SECONDS",
               help="A trial without a heartbeat for this long is failed and retried (default: twice the interval).")
+@click.option("--max-outage", "max_outage_s", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="How long to wait for a storage server that went away before giving up (default: 600).")
+@threads_option
+@workers_per_machine_option
 def worker(spec_path: Path, storage_url: str | None, n_trials: int | None, device: str | None,
            artifacts: Path | None, backend: str | None, seed: int | None, heartbeat_s: int | None,
-           grace_s: int | None) -> None:
+           grace_s: int | None, max_outage_s: float | None, threads: int | None, workers_per_machine: int) -> None:
     """Join the study of SPEC (creating it if needed) and serve trials until it has its n_trials."""
     console = Console(stderr=True)
     spec = _with_backend(load_study_spec(spec_path), backend)
+    chosen = choose_threads(threads, workers_per_machine)
+    _check_heartbeat_options(storage_url, heartbeat_s, grace_s)
     space, searched = _plan(spec)
     _check_before_loading(spec, storage_url, device, artifacts, searched)
-    w = _open_worker(spec, device, space)
+    w = _open_worker(spec, device, space, chosen, console)
     try:
         study, created = _serve(w, spec, space, searched, storage_url, artifacts, console, sampler_seed=seed,
-                                heartbeat_s=heartbeat_s, grace_s=grace_s)
+                                heartbeat_s=heartbeat_s, grace_s=grace_s, max_outage_s=max_outage_s)
         if seed is None and not created:
             study.sampler = _reseeded(spec, _worker_seed(spec, created))
         done = w.work(
@@ -306,23 +340,27 @@ def _directions(spec: StudySpec) -> dict[str, str]:
 @device_option
 @artifacts_option
 @backend_option
+@threads_option
+@workers_per_machine_option
 def run(spec_path: Path, storage_url: str | None, device: str | None, artifacts: Path | None,
-        backend: str | None) -> None:
+        backend: str | None, threads: int | None, workers_per_machine: int) -> None:
     """Create the study of SPEC and work on it until it has its trials, showing the current front."""
     console = Console(stderr=True)
-    run_study(_with_backend(load_study_spec(spec_path), backend), storage_url, device, artifacts, console)
+    spec = _with_backend(load_study_spec(spec_path), backend)
+    run_study(spec, storage_url, device, artifacts, console, threads=choose_threads(threads, workers_per_machine))
 
 
 def run_study(spec: StudySpec, storage_url: str | None, device: str | None, artifacts: Path | None,
-              console: Console) -> tuple[StudySpec, Any]:
-    """Create (or join) the study and work on it until it has its trials; the front shown as it grows."""
+              console: Console, threads: ThreadChoice | None = None) -> tuple[StudySpec, Any]:
+    """Create (or join) the study and work on it until it has its trials; the front shown as it grows.
+    ``threads``: torch's threads, set before the model loads (None: left as they are)."""
     space, searched = _plan(spec)
     existing = _check_before_loading(spec, storage_url, device, artifacts, searched)
     if existing is not None and _complete_count(existing) >= spec.n_trials:
         console.print(f"study {spec.name} already has its {spec.n_trials} trials")
         _warn_unretried(existing, console)
         return spec, existing
-    w = _open_worker(spec, device, space)
+    w = _open_worker(spec, device, space, threads, console)
     try:
         study, _ = _serve(w, spec, space, searched, storage_url, artifacts, console)
         directions = _directions(spec)

@@ -636,6 +636,15 @@ add("worker", "--backend unknown", lambda ws, d: (["worker", ws.spec, "--backend
 add("worker", "--seed not a number", lambda ws, d: (["worker", ws.spec, "--seed", "x"], "--seed"))
 add("worker", "--device unknown", lambda ws, d: (["worker", ws.spec, "--storage", f"sqlite:///{d}/s.db", "--device", "gpu"],
                                                  "--device"))
+for _cmd in ("run", "worker"):
+    add(_cmd, "--threads 0", lambda ws, d, c=_cmd: ([c, ws.spec, "--storage", f"sqlite:///{d}/s.db", "--threads", "0"],
+                                                    "--threads"))
+    add(_cmd, "--threads not a number", lambda ws, d, c=_cmd: ([c, ws.spec, "--threads", "all"], "--threads"))
+    add(_cmd, "--workers-per-machine 0", lambda ws, d, c=_cmd: ([c, ws.spec, "--workers-per-machine", "0"],
+                                                                "--workers-per-machine"))
+    add(_cmd, "OMP_NUM_THREADS not a number", lambda ws, d, c=_cmd: (
+        [c, ws.spec, "--storage", f"sqlite:///{d}/s.db"], ("OMP_NUM_THREADS", "--threads")),
+        env={"OMP_NUM_THREADS": "auto"})
 add("run", "--artifacts under a file", lambda ws, d: (
     ["run", ws.spec, "--storage", f"sqlite:///{d}/s.db", "--artifacts", write(d / "f.txt", "x") / "a"], "f.txt"))
 add("run", "--device cuda without CUDA", lambda ws, d: (["run", ws.spec, "--storage", f"sqlite:///{d}/s.db",
@@ -702,6 +711,89 @@ add("dashboard", "--port in use", lambda ws, d: (["dashboard", "--storage", ws.u
                                                  "--port"))
 add("dashboard", "--artifacts under a file", lambda ws, d: (
     ["dashboard", "--storage", ws.url, "--port", "0", "--artifacts", write(d / "f.txt", "x") / "a"], "f.txt"))
+
+# -- launch recipes: launch slurm, launch kubernetes ---------------------------------------------------
+
+
+def launch(target: str, name: str, extra: Callable[[Any, Path], list[Any]] | list[Any], named: Any,
+           spec: Callable[[Any, Path], Path] | None = None) -> None:
+    """``launch TARGET SPEC --workers 2`` (and an image for kubernetes) with ``extra`` flags after."""
+    base = ["--image", "registry.example/safesearch:1"] if target == "kubernetes" else []
+
+    def make(ws: Any, d: Path) -> Any:
+        argv = ["launch", target, spec(ws, d) if spec else ws.spec, "--workers", "2", *base]
+        return [*argv, *(extra(ws, d) if callable(extra) else extra)], named
+
+    add(f"launch {target}", name, make)
+
+
+for _target in ("slurm", "kubernetes"):
+    launch(_target, "spec file does not exist", [], "nope.yaml", spec=lambda ws, d: d / "nope.yaml")
+    launch(_target, "spec is not YAML", [], "study.yaml", spec=lambda ws, d: write(d / "study.yaml", "name: [t\n"))
+    launch(_target, "spec is empty", [], ("study.yaml", "empty"), spec=lambda ws, d: write(d / "study.yaml", ""))
+    launch(_target, "--workers 0", ["--workers", "0"], "--workers")
+    launch(_target, "--workers not a number", ["--workers", "many"], "--workers")
+    launch(_target, "--out is a directory", lambda ws, d: ["--out", d], "--out")
+    launch(_target, "--out is the spec", lambda ws, d: ["--out", ws.spec], ("--out", "spec"))
+    launch(_target, "--out under a file", lambda ws, d: ["--out", write(d / "f.txt", "x") / "job"], "f.txt")
+    launch(_target, "--safesearch an unclosed quote", ["--safesearch", "apptainer exec 'img"], "--safesearch")
+add("launch slurm", "--workers missing", lambda ws, d: (["launch", "slurm", ws.spec], "--workers"))
+launch("slurm", "--cpus-per-task 0", ["--cpus-per-task", "0"], "--cpus-per-task")
+launch("slurm", "--time not a time", ["--time", "2 days"], "--time")
+launch("slurm", "--partition with a space", ["--partition", "gpu long"], "--partition")
+launch("slurm", "--mem not a size", ["--mem", "lots"], "--mem")
+launch("slurm", "--gres with a newline", ["--gres", "gpu:1\n#SBATCH --x"], "--gres")
+launch("slurm", "--setup of two lines", ["--setup", "module load cuda\nsource venv/bin/activate"], "--setup")
+launch("slurm", "--name with a space", ["--name", "my job"], "--name")
+add("launch kubernetes", "--image missing", lambda ws, d: (["launch", "kubernetes", ws.spec, "--workers", "2"],
+                                                           "--image"))
+launch("kubernetes", "--image with a space", ["--image", "my image"], "--image")
+launch("kubernetes", "--secret not a Kubernetes name", ["--secret", "Storage_URL"], "--secret")
+launch("kubernetes", "--secret-key with a slash", ["--secret-key", "db/url"], "--secret-key")
+launch("kubernetes", "--name with capitals", ["--name", "SafeSearch"], "--name")
+launch("kubernetes", "--name too long", ["--name", "w" * 64], "--name")
+launch("kubernetes", "--namespace with a dot", ["--namespace", "team.ml"], "--namespace")
+launch("kubernetes", "--artifacts-pvc not a name", ["--artifacts-pvc", "-pvc"], "--artifacts-pvc")
+launch("kubernetes", "--artifacts-path relative", ["--artifacts-pvc", "art", "--artifacts-path", "art"],
+       "--artifacts-path")
+launch("kubernetes", "--mount without a path", ["--mount", "models"], "--mount")
+launch("kubernetes", "--mount on the artifacts' path", ["--mount", "m:/artifacts", "--artifacts-pvc", "art"],
+       ("--mount", "/artifacts"))
+launch("kubernetes", "--memory not a quantity", ["--memory", "64GB"], "--memory")
+launch("kubernetes", "--cpus 0", ["--cpus", "0"], "--cpus")
+launch("kubernetes", "--workdir relative", ["--workdir", "app"], "--workdir")
+launch("kubernetes", "--backoff-limit negative", ["--backoff-limit", "-1"], "--backoff-limit")
+add("launch", "unknown target", lambda ws, d: (["launch", "nomad", ws.spec], "nomad"))
+
+# -- the storage proxy, and grpc:// storages ----------------------------------------------------------
+
+
+def proxy(name: str, argv: Callable[[Any, Path], list[Any]] | list[Any], named: Any, **kw: Any) -> None:
+    add("storage proxy", name, lambda ws, d: (["storage", "proxy", *(argv(ws, d) if callable(argv) else argv)],
+                                              named), **kw)
+
+
+proxy("--storage an unsupported database", ["--storage", "mysql://u@localhost/db", "--port", "0"], "mysql")
+proxy("--storage malformed", ["--storage", "postgresql+psycopg://u@host:notaport/db", "--port", "0"], "notaport")
+proxy("--storage another proxy", ["--storage", "grpc://127.0.0.1:13000", "--port", "0"],
+      ("grpc://127.0.0.1:13000", "proxy"))
+proxy("--storage SQLite", lambda ws, d: ["--storage", ws.url, "--port", "0"], ("sqlite", "PostgreSQL"))
+proxy("--storage default (SQLite)", ["--port", "0"], ("sqlite", "PostgreSQL"))
+proxy("--storage server unreachable", ["--storage", NO_SERVER, "--port", "0"], "127.0.0.1:1")
+proxy("--storage password is masked", ["--storage", f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:1/test",
+                                       "--port", "0"], "127.0.0.1", secret=SECRET)
+proxy("--port out of range", lambda ws, d: ["--storage", ws.postgres_url, "--port", "99999"], "--port")
+proxy("--port in use", lambda ws, d: ["--storage", ws.postgres_url, "--port", str(ws.hold_port())], "--port",
+      postgres=True)
+proxy("--host not of this machine", lambda ws, d: ["--storage", ws.postgres_url, "--host", "192.0.2.1", "--port", "0"],
+      "--host 192.0.2.1", postgres=True)
+proxy("--heartbeat 0", lambda ws, d: ["--storage", ws.postgres_url, "--heartbeat", "0"], "--heartbeat")
+storage_case(("pareto",), "--storage grpc:// unreachable", "grpc://127.0.0.1:1", "127.0.0.1:1")
+storage_case(("pareto",), "--storage grpc:// port out of range", "grpc://127.0.0.1:99999", "grpc://127.0.0.1:99999")
+storage_case(("pareto",), "--storage grpc:// with a password", f"grpc://u:{SECRET}@127.0.0.1:13000", "grpc://u:***@",
+             secret=SECRET)
+add("worker", "--heartbeat behind a grpc:// proxy", lambda ws, d: (
+    ["worker", ws.spec, "--storage", "grpc://127.0.0.1:1", "--heartbeat", "1"], ("--heartbeat", "proxy")))
 
 # -- toyworld, demo, the command line itself -----------------------------------------------------------
 
