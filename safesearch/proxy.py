@@ -67,7 +67,9 @@ DEFAULT_HOST = "127.0.0.1"
 CONNECT_TIMEOUT_S = 5.0
 SERVICE = "safesearch.Heartbeat"
 _CALLS = ("Config", "Record", "Stale")
-# Server threads: one database connection each at most (the pool of storage.POOL_KWARGS is 2 + 2).
+# Server threads: one database connection each, kept open (a pool of 4 without overflow: with a worker's
+# 2 + 2, overflow connections closed when given back and a busy proxy opened 700-1,700 sessions a minute,
+# twice the server CPU per trial; benchmarks/load.py).
 SERVER_THREADS = 4
 
 
@@ -341,7 +343,7 @@ class ProxyServer:
             # The port first: a port that is taken leaves the database untouched.
             self.port = _bind(self.server, host, port)
             self.rdb = open_storage(self.url, heartbeat_interval=heartbeat_s or DEFAULT_HEARTBEAT_INTERVAL,
-                                    grace_period=grace_s, max_retry=None)
+                                    grace_period=grace_s, max_retry=None, connections=SERVER_THREADS)
         except BaseException:
             self.server.stop(None)
             raise

@@ -286,6 +286,7 @@ def open_storage(
     max_retry: int | None = DEFAULT_MAX_RETRIES,
     create: bool = True,
     max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
+    connections: int | None = None,
 ) -> RDBStorage:
     """Open the Optuna storage at ``url`` (see :func:`resolve_url`), creating the database file and the
     tables if needed, or, with ``create=False`` (the commands that only read studies), refusing a
@@ -301,6 +302,8 @@ def open_storage(
     A server storage is a :class:`~safesearch.reconnect.ReconnectingStorage`: a call that loses its
     connection is made again, with back-off, for up to ``max_outage_s`` seconds of outage (then
     :class:`~safesearch.reconnect.StorageOutage`, one line); a SQLite file cannot lose its connection.
+    ``connections``: a server pool of exactly that many kept connections (a storage proxy, one per server
+    thread) instead of a worker's 2 + 2 overflow, whose overflow connections are closed when given back.
 
     Raises :class:`UserError` (one line, password masked) for a URL that is not a supported
     database or a server that cannot be reached (host and database named).
@@ -336,7 +339,10 @@ def open_storage(
                 return storage
             if max_outage_s < 0:
                 raise UserError(f"maximum outage {max_outage_s:g}: must be 0 or more seconds")
-            return ReconnectingStorage(url, engine_kwargs=_engine_kwargs(parsed), backoff=Backoff(max_outage_s),
+            engine_kwargs = _engine_kwargs(parsed)
+            if connections is not None:
+                engine_kwargs.update(pool_size=connections, max_overflow=0)
+            return ReconnectingStorage(url, engine_kwargs=engine_kwargs, backoff=Backoff(max_outage_s),
                                        **heartbeat_kwargs)
         except (sa.exc.DBAPIError, optuna.exceptions.StorageInternalError) as e:
             # Optuna wraps some failures of its start-up queries (too many connections) in its own error.
