@@ -83,12 +83,13 @@ def is_outage(e: BaseException) -> bool:
                           sa.exc.DisconnectionError, sa.exc.PendingRollbackError))
 
 
-def _reason(e: BaseException) -> str:
-    """The driver's message on one line (psycopg's spans several)."""
+def driver_message(e: BaseException) -> str:
+    """The driver's own message, on one line (psycopg's spans several), from under SQLAlchemy's wrapper and
+    Optuna's ``StorageInternalError``, whose own message blames "invalid data" whatever the cause."""
     cause = e.__cause__ if isinstance(e, StorageInternalError) and e.__cause__ is not None else e
     orig = getattr(cause, "orig", None) or cause
     lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
-    return "; ".join(lines)[:300] or type(orig).__name__
+    return "; ".join(lines) or type(orig).__name__
 
 
 def _stderr_line(line: str) -> None:
@@ -160,7 +161,7 @@ class ReconnectingStorage(RDBStorage):
         with self._outage_lock:
             if self._down_since is None:
                 self._down_since = time.monotonic()
-                self._report(f"storage {mask_url(self.url)}: connection lost ({_reason(e)}); reconnecting, "
+                self._report(f"storage {mask_url(self.url)}: connection lost ({driver_message(e)}); reconnecting, "
                              f"for at most {self.backoff.max_outage_s:g} s")
             return self._down_since
 
@@ -198,7 +199,7 @@ class ReconnectingStorage(RDBStorage):
                     out_s = time.monotonic() - since
                     if out_s >= self.backoff.max_outage_s:
                         raise StorageOutage(
-                            f"storage {mask_url(self.url)}: unreachable for {out_s:.0f} s ({_reason(e)}); this "
+                            f"storage {mask_url(self.url)}: unreachable for {out_s:.0f} s ({driver_message(e)}); this "
                             "worker gives up (its running trial, if any, is retried by the study's other workers "
                             "once its heartbeat goes silent)") from None
                     time.sleep(min(self.backoff.wait_s(attempt, self._rng),
@@ -281,7 +282,7 @@ class Heartbeat:
         except Exception as e:  # noqa: BLE001 - a thread has nobody to raise to; tried again soon
             if not is_outage(e) and not self._reported:  # an outage is reported by the storage
                 self._reported = True
-                _stderr_line(f"heartbeat of trial id {self.trial_id}: {_reason(e)}; trying again")
+                _stderr_line(f"heartbeat of trial id {self.trial_id}: {driver_message(e)}; trying again")
             return False
         return True
 

@@ -68,6 +68,7 @@ from safesearch.reconnect import (
     Heartbeat,
     ReconnectingStorage,
     StorageOutage,
+    driver_message,
     impatient,
 )
 from safesearch.redact import mask_url
@@ -159,13 +160,6 @@ def _where(parsed: sa.engine.URL) -> str:
     return f"host {parsed.host or 'localhost'}:{parsed.port or 5432}, database {parsed.database!r}"
 
 
-def _reason(e: BaseException) -> str:
-    """The driver's own message, on one line (psycopg's spans several)."""
-    orig = getattr(e, "orig", None) or e
-    lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
-    return "; ".join(lines) or type(orig).__name__
-
-
 def _engine_kwargs(parsed: sa.engine.URL) -> dict[str, Any]:
     if parsed.drivername.startswith("sqlite"):
         # The heartbeat thread writes while the trial loop reads: wait for the file lock, don't fail.
@@ -248,7 +242,7 @@ def _server(url: str, parsed: sa.engine.URL) -> Iterator[sa.Connection]:
         try:
             conn = engine.connect()
         except sa.exc.DBAPIError as e:
-            raise UserError(f"storage {mask_url(url)}: cannot connect to {_where(parsed)} ({_reason(e)})") from None
+            raise UserError(f"storage {mask_url(url)}: cannot connect to {_where(parsed)} ({driver_message(e)})") from None
         with conn:
             yield conn
     finally:
@@ -347,8 +341,7 @@ def open_storage(
         except (sa.exc.DBAPIError, optuna.exceptions.StorageInternalError) as e:
             # Optuna wraps some failures of its start-up queries (too many connections) in its own error.
             where = str(path) if path is not None else _where(parsed)
-            cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ else e
-            raise UserError(f"storage {mask_url(url)}: cannot open {where} ({_reason(cause)})") from None
+            raise UserError(f"storage {mask_url(url)}: cannot open {where} ({driver_message(e)})") from None
 
 
 def _open_proxy(url: str, heartbeat_interval: int | None, grace_period: int | None,

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
@@ -107,34 +107,52 @@ def test_killed_worker_trial_fails_and_is_retried(study_env: dict) -> None:
     spec = write_toy_spec(study_env, n_trials)
     procs = {tag: start_worker(study_env, spec, tag, *HEARTBEAT) for tag in ("victim", "rescuer")}
     victim = procs.pop("victim")
+    killed = kill_in_a_trial(study_env, victim)
+    wait_all(study_env, procs)
+    study = load(study_env)
+    check_exactly_n(study, n_trials)
+    check_retried_elsewhere(study, killed, victim)
+
+
+def kill_in_a_trial(env: dict, victim: subprocess.Popen,
+                    before_kill: Callable[[], None] | None = None) -> optuna.trial.FrozenTrial:
+    """SIGKILL ``victim`` once it runs a trial (RUNNING, its ``worker`` attr naming it; ``before_kill`` runs
+    just before); the trial, checked to be still RUNNING after the kill."""
     me = f"{socket.gethostname()}:{victim.pid}"
     deadline = time.monotonic() + WORKER_TIMEOUT_S
     killed = None
     while killed is None:
-        assert victim.poll() is None, (study_env["dir"] / "worker-victim.log").read_text()[-3000:]
+        assert victim.poll() is None, (env["dir"] / "worker-victim.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "the victim never started a trial"
-        if study_env["name"] in optuna.get_all_study_names(study_env["storage"]):
-            mine = [t for t in load(study_env).get_trials(states=(TrialState.RUNNING,))
+        if env["name"] in optuna.get_all_study_names(env["storage"]):
+            mine = [t for t in load(env).get_trials(states=(TrialState.RUNNING,))
                     if t.user_attrs.get("worker") == me]
             if mine:
+                if before_kill is not None:
+                    before_kill()
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
                 killed = mine[0]
         time.sleep(0.05)
-    state_now = load(study_env).trials[killed.number].state
+    state_now = load(env).trials[killed.number].state
     assert state_now == TrialState.RUNNING, f"trial {killed.number} ended before the kill ({state_now.name})"
+    return killed
 
-    wait_all(study_env, procs)
-    study = load(study_env)
-    check_exactly_n(study, n_trials)
+
+def check_retried_elsewhere(study: optuna.Study, killed: optuna.trial.FrozenTrial,
+                            victim: subprocess.Popen) -> optuna.trial.FrozenTrial:
+    """The killed trial FAIL (not surplus) and retried to completion by another worker with the same
+    coefficients; every other failed trial retried too (a loaded machine can make a live worker miss the
+    3 s grace, and its trial is then failed and retried the same way). The COMPLETE retry, the last of its
+    line (a retry that was itself failed is retried again)."""
+    me = f"{socket.gethostname()}:{victim.pid}"
     dead = study.trials[killed.number]
     assert dead.state == TrialState.FAIL and not dead.system_attrs.get(SURPLUS_ATTR)
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
     (retry,) = [t for t in retries if t.state == TrialState.COMPLETE]
     assert retry.user_attrs["worker"] != me and retry.system_attrs["retry_history"][0] == killed.number
     assert retry.params == dead.params == killed.params  # the same coefficients, run by another worker
-    # Nothing lost: any other failed trial (a loaded machine can make a live worker miss the 3 s grace,
-    # and its trial is then failed and retried the same way) was retried to completion.
     retried = {n for t in study.get_trials(states=(TrialState.COMPLETE,)) for n in t.system_attrs.get("retry_history", [])}
     for t in study.get_trials(states=(TrialState.FAIL,)):
         assert t.system_attrs.get(SURPLUS_ATTR) or t.number in retried, f"trial {t.number} failed, never retried"
+    return retry

@@ -22,12 +22,18 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy as sa
-from optuna.trial import TrialState
 from study_world import spec_dict, write_spec
-from test_distributed import WORKER_TIMEOUT_S, check_exactly_n, load, wait_all, write_toy_spec
+from test_distributed import (
+    check_exactly_n,
+    check_retried_elsewhere,
+    kill_in_a_trial,
+    load,
+    wait_all,
+    write_toy_spec,
+)
 
 from safesearch.proxy import SERVER_THREADS
-from safesearch.storage import SURPLUS_ATTR, open_storage
+from safesearch.storage import open_storage
 
 pytestmark = pytest.mark.postgres
 
@@ -125,40 +131,17 @@ def test_killed_worker_trial_is_failed_and_retried_through_the_proxy(study_env: 
     spec = write_toy_spec(study_env, n_trials)
     procs = {tag: start_worker(study_env, spec, tag) for tag in ("victim", "rescuer")}
     victim = procs.pop("victim")
-    me = f"{socket.gethostname()}:{victim.pid}"
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    killed = None
-    while killed is None:
-        assert victim.poll() is None, (study_env["dir"] / "worker-victim.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "the victim never started a trial"
-        if study_env["name"] in optuna.get_all_study_names(study_env["storage"]):
-            mine = [t for t in load(study_env).get_trials(states=(TrialState.RUNNING,))
-                    if t.user_attrs.get("worker") == me]
-            if mine:
-                # Only the proxy holds database sessions, at most one per server thread.
-                assert 0 < connections_of(study_env, study_env["proxy_pid"]) <= SERVER_THREADS
-                assert connections_of(study_env, victim.pid) == 0, "a worker behind the proxy connected to the database"
-                victim.send_signal(signal.SIGKILL)
-                victim.wait()
-                killed = mine[0]
-        time.sleep(0.05)
-    state_now = load(study_env).trials[killed.number].state
-    assert state_now == TrialState.RUNNING, f"trial {killed.number} ended before the kill ({state_now.name})"
 
+    def only_the_proxy_connects() -> None:
+        # Only the proxy holds database sessions, at most one per server thread.
+        assert 0 < connections_of(study_env, study_env["proxy_pid"]) <= SERVER_THREADS
+        assert connections_of(study_env, victim.pid) == 0, "a worker behind the proxy connected to the database"
+
+    killed = kill_in_a_trial(study_env, victim, only_the_proxy_connects)
     wait_all(study_env, procs)
     study = load(study_env)
     check_exactly_n(study, n_trials)
-    dead = study.trials[killed.number]
-    assert dead.state == TrialState.FAIL and not dead.system_attrs.get(SURPLUS_ATTR)
-    # (A retry that was itself failed, a live worker missing the 3 s grace on a loaded machine, is retried
-    # again: the COMPLETE one is the last of the line.)
-    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
-    (retry,) = [t for t in retries if t.state == TrialState.COMPLETE]
-    assert retry.user_attrs["worker"] != me and retry.system_attrs["retry_history"][0] == killed.number
+    retry = check_retried_elsewhere(study, killed, victim)
     assert retry.user_attrs["retry_of"] == retry.system_attrs["retry_history"][-1]
-    assert retry.params == dead.params == killed.params  # the same coefficients, run by the other worker
-    retried = {n for t in study.get_trials(states=(TrialState.COMPLETE,)) for n in t.system_attrs.get("retry_history", [])}
-    for t in study.get_trials(states=(TrialState.FAIL,)):
-        assert t.system_attrs.get(SURPLUS_ATTR) or t.number in retried, f"trial {t.number} failed, never retried"
     log = (study_env["dir"] / "worker-rescuer.log").read_text()
     assert "Traceback" not in log, log[-3000:]
