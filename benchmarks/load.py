@@ -19,12 +19,11 @@ configuration:
 and, for the projection of storage/postgres/README.md, per trial: the transactions, rows read and sessions
 opened of the database (``pg_stat_database``), the CPU seconds of its server processes (closed sessions
 counted through the server's children time, of any database), of the workers and of the proxy, with the
-machine's CPU use and the other users' share of it. One more proxy run (``--pool-what-if``) holds the
-proxy's database pool at its 4 server threads without overflow: as shipped (2 + 2) a busy proxy closes
-and reopens server sessions every few calls. Chaos (default at N = 32, direct and through the proxy, heartbeat 1 s, grace 3 s):
-10% of the workers killed with SIGKILL and the workers' sessions cut with ``pg_terminate_backend`` a few
-times, at random moments of the window; the study must end consistent: nothing RUNNING once the grace
-period has passed, every failed trial retried.
+machine's CPU use and the other users' share of it. Chaos (default at N = 32, direct and through the
+proxy, heartbeat 1 s, grace 3 s): 10% of the workers killed with SIGKILL and the workers' (or the proxy's)
+sessions cut with ``pg_terminate_backend`` a few times, and through the proxy the proxy itself killed with
+SIGKILL once and started again on its port 2 s later, at random moments of the window; the study must end
+consistent: nothing RUNNING once the grace period has passed, every failed trial retried.
 
 The workers: a real ``safesearch worker`` of the small toy world (1 item per suite, --threads 1) holds
 about 590 MB RSS (465 MB PSS, 350 MB private), so 64 of them do not fit in 24 GB with 4 GB to spare. Each
@@ -263,13 +262,10 @@ class Config:
     n: int
     proxy: bool
     chaos: bool = False
-    # The what-if: the proxy's database pool held at this many connections, without overflow (0: as shipped).
-    pool: int = 0
 
     @property
     def label(self) -> str:
-        return (f"{self.n}-{'proxy' if self.proxy else 'direct'}{'-chaos' if self.chaos else ''}"
-                f"{f'-pool{self.pool}' if self.pool else ''}")
+        return f"{self.n}-{'proxy' if self.proxy else 'direct'}{'-chaos' if self.chaos else ''}"
 
 
 @dataclasses.dataclass
@@ -291,6 +287,7 @@ class Result:
     killed: int = 0
     cuts: int = 0
     cut_sessions: int = 0
+    proxy_restarts: int = 0
     reconnects: int = 0
     xacts: int = 0
     sessions: int = 0  # sessions opened on the database in the window
@@ -509,30 +506,66 @@ def write_groups(spec_path: Path, out: Path) -> Path:
 
 
 PROXY_ADDRESS = re.compile(r"storage proxy on (grpc://127\.0\.0\.1:\d+) ")
-# `safesearch storage proxy` with its database pool set to pool_size = argv[1] and no overflow (the what-if
-# run): as shipped, 2 pooled + 2 overflow connections serve its 4 threads, and an overflow connection is
-# closed as soon as it is given back, so a busy proxy opens a new server session every few calls.
-PROXY_WITH_POOL = ("import sys; import safesearch.storage as s; "
-                   "s.POOL_KWARGS.update(pool_size=int(sys.argv.pop(1)), max_overflow=0); "
-                   "sys.argv[0] = 'safesearch'; from safesearch.__main__ import main; main()")
 
 
-def start_proxy(url: str, d: Path, heartbeat: Sequence[str], pool: int = 0) -> tuple[subprocess.Popen[bytes], str]:
-    launcher = ["-c", PROXY_WITH_POOL, str(pool)] if pool else ["-m", "safesearch"]
-    cmd = [sys.executable, *launcher, "storage", "proxy", "--storage", url, "--port", "0"]
-    if heartbeat:
-        cmd += ["--heartbeat", heartbeat[0], "--heartbeat-grace", heartbeat[1]]
-    log = d / "proxy.log"
-    with open(log, "w") as err:
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                             env={**os.environ, **ENV_THREADS}, cwd=d)
-    deadline = time.monotonic() + 60
-    while not (found := PROXY_ADDRESS.search(log.read_text())):
-        if p.poll() is not None or time.monotonic() > deadline:
-            p.kill()
-            raise RuntimeError(f"the storage proxy did not start (exit {p.poll()}): {_last_line(log.read_text())}")
-        time.sleep(0.05)
-    return p, found.group(1)
+class Proxy:
+    """``safesearch storage proxy`` for one configuration; :meth:`restart` kills it (SIGKILL) and starts a
+    new one on the same port. ``cpu_s`` adds up the CPU of every proxy process since :meth:`mark`."""
+
+    def __init__(self, url: str, d: Path, heartbeat: Sequence[str]) -> None:
+        self.url_served, self.d, self.heartbeat = url, d, heartbeat
+        self.port = 0
+        self.n_started = 0
+        self.pids: list[int] = []  # every proxy process, the killed ones too
+        self.spent_s = 0.0  # CPU of proxies killed since mark()
+        self.base_s = 0.0
+        self.p, self.url = self._start()
+
+    def _start(self) -> tuple[subprocess.Popen[bytes], str]:
+        cmd = [sys.executable, "-m", "safesearch", "storage", "proxy", "--storage", self.url_served,
+               "--port", str(self.port)]
+        if self.heartbeat:
+            cmd += ["--heartbeat", self.heartbeat[0], "--heartbeat-grace", self.heartbeat[1]]
+        self.n_started += 1
+        log = self.d / f"proxy-{self.n_started}.log"
+        with open(log, "w") as err:
+            p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                 env={**os.environ, **ENV_THREADS}, cwd=self.d)
+        deadline = time.monotonic() + 60
+        while not (found := PROXY_ADDRESS.search(log.read_text())):
+            if p.poll() is not None or time.monotonic() > deadline:
+                p.kill()
+                raise RuntimeError(f"the storage proxy did not start (exit {p.poll()}): {_last_line(log.read_text())}")
+            time.sleep(0.05)
+        self.pids.append(p.pid)
+        self.port = int(found.group(1).rsplit(":", 1)[1])
+        return p, found.group(1)
+
+    def mark(self) -> None:
+        self.spent_s, self.base_s = 0.0, _proc_cpu_s(self.p.pid) or 0.0
+
+    def cpu_s(self) -> float:
+        return self.spent_s + (_proc_cpu_s(self.p.pid) or 0.0) - self.base_s
+
+    def restart(self, down_s: float) -> None:
+        self.spent_s += (_proc_cpu_s(self.p.pid) or 0.0) - self.base_s
+        self.p.kill()
+        self.p.wait()
+        time.sleep(down_s)
+        self.p, _ = self._start()
+        self.base_s = 0.0
+
+    def logs(self) -> str:
+        return "".join(self.d.joinpath(f"proxy-{i}.log").read_text(errors="replace")
+                       for i in range(1, self.n_started + 1))
+
+    def stop(self) -> None:
+        self.p.send_signal(signal.SIGTERM)
+        try:
+            self.p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
 
 
 def _log(msg: str) -> None:
@@ -560,14 +593,15 @@ def run_config(c: Config, a: argparse.Namespace, admin: Any, scratch: Path, spec
     spec = d / "spec.yaml"
     spec.write_text(spec_template.read_text().replace("name: load", f"name: load-{c.label}", 1))
     heartbeat = CHAOS_HEARTBEAT if c.chaos else ()
-    proxy: subprocess.Popen[bytes] | None = None
+    proxy: Proxy | None = None
     procs: dict[int, subprocess.Popen[bytes]] = {}
     monitor = Monitor(admin, database)
     result = Result(c, a.window, 0)
     try:
         worker_url = url
         if c.proxy:
-            proxy, worker_url = start_proxy(url, d, heartbeat, c.pool)
+            proxy = Proxy(url, d, heartbeat)
+            worker_url = proxy.url
         monitor.start()
         go, stop = d / "go", d / "stop"
         base = [sys.executable, str(Path(__file__).resolve()), "--worker", "--spec", str(spec), "--groups", str(groups),
@@ -593,17 +627,21 @@ def run_config(c: Config, a: argparse.Namespace, admin: Any, scratch: Path, spec
         time.sleep(a.settle)
         monitor.open_window()
         time.sleep(0.1)  # the monitor's first sample names the server's process
-        cpu0 = _cpu_snapshot(procs, proxy, monitor.postmaster)
+        cpu0 = _cpu_snapshot(procs, monitor.postmaster)
+        if proxy is not None:
+            proxy.mark()
         x0, s0, t0_rows = _db_stats(admin, database)
         t0 = time.time()
         killed: set[int] = set()
         if c.chaos:
-            _chaos(c, a, admin, database, procs, killed, result, rng, t0)
+            _chaos(c, a, admin, database, procs, killed, result, rng, t0, proxy)
         time.sleep(max(0.0, t0 + a.window - time.time()))
         monitor.close_window()
         t1 = time.time()
         result.window_s = t1 - t0
-        cpu1 = _cpu_snapshot(procs, proxy, monitor.postmaster)
+        cpu1 = _cpu_snapshot(procs, monitor.postmaster)
+        if proxy is not None:
+            result.proxy_cpu_s = proxy.cpu_s()
         mem = [m for m in (_pss_rss_mb(p.pid) for i, p in procs.items() if i not in killed and p.poll() is None) if m]
         # pg_stat_database counts a backend's transactions when it reports them (within about a second).
         time.sleep(1.5)
@@ -612,7 +650,7 @@ def run_config(c: Config, a: argparse.Namespace, admin: Any, scratch: Path, spec
         stop.touch()
         _log(f"{c.label}: window closed; stopping the workers")
         _wait_exit(procs, a.stop_timeout, result)
-        _account_cpu(result, cpu0, cpu1, monitor, procs, proxy, killed)
+        _account_cpu(result, cpu0, cpu1, monitor, procs, killed)
         if mem:
             result.pss_mb = statistics.mean(m[0] for m in mem)
             result.rss_mb = statistics.mean(m[1] for m in mem)
@@ -625,12 +663,7 @@ def run_config(c: Config, a: argparse.Namespace, admin: Any, scratch: Path, spec
                 p.kill()
                 p.wait()
         if proxy is not None:
-            proxy.send_signal(signal.SIGTERM)
-            try:
-                proxy.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-                proxy.wait()
+            proxy.stop()
         with admin.connect() as conn:
             conn.execute(sa.text(f'drop database if exists "{database}" with (force)'))
     return result
@@ -650,24 +683,19 @@ def _wait_ready(d: Path, procs: Mapping[int, subprocess.Popen[bytes]], timeout_s
     return up
 
 
-def _cpu_snapshot(procs: Mapping[int, subprocess.Popen[bytes]], proxy: subprocess.Popen[bytes] | None,
-                  postmaster: int | None) -> dict[str, Any]:
+def _cpu_snapshot(procs: Mapping[int, subprocess.Popen[bytes]], postmaster: int | None) -> dict[str, Any]:
     return {"machine": _machine_cpu(), "self": _proc_cpu_s(os.getpid()) or 0.0,
             "workers": {i: _proc_cpu_s(p.pid) for i, p in procs.items()},
-            "proxy": _proc_cpu_s(proxy.pid) if proxy is not None else None,
             "closed": (_proc_cpu_s(postmaster, children=True) or 0.0) if postmaster else 0.0}
 
 
 def _account_cpu(r: Result, cpu0: dict[str, Any], cpu1: dict[str, Any], monitor: Monitor,
-                 procs: Mapping[int, subprocess.Popen[bytes]], proxy: subprocess.Popen[bytes] | None,
-                 killed: set[int]) -> None:
+                 procs: Mapping[int, subprocess.Popen[bytes]], killed: set[int]) -> None:
     busy = cpu1["machine"][0] - cpu0["machine"][0]
     total = cpu1["machine"][1] - cpu0["machine"][1]
     r.machine_busy = busy / total if total else float("nan")
     r.worker_cpu_s = sum((cpu1["workers"].get(i) or 0.0) - (cpu0["workers"].get(i) or 0.0)
                          for i in procs if i not in killed and cpu0["workers"].get(i) is not None)
-    if proxy is not None and cpu0["proxy"] is not None and cpu1["proxy"] is not None:
-        r.proxy_cpu_s = cpu1["proxy"] - cpu0["proxy"]
     r.server_cpu_s = sum(last - first for first, last in monitor.backend_cpu.values())
     r.closed_cpu_s = cpu1["closed"] - cpu0["closed"]
     mine = r.worker_cpu_s + r.proxy_cpu_s + r.server_cpu_s + r.closed_cpu_s + (cpu1["self"] - cpu0["self"])
@@ -675,13 +703,15 @@ def _account_cpu(r: Result, cpu0: dict[str, Any], cpu1: dict[str, Any], monitor:
 
 
 def _chaos(c: Config, a: argparse.Namespace, admin: Any, database: str, procs: Mapping[int, subprocess.Popen[bytes]],
-           killed: set[int], r: Result, rng: random.Random, t0: float) -> None:
-    """Kill 10% of the workers with SIGKILL and cut the sessions ``a.cuts`` times, at random moments of the
-    window's first part (the rest leaves the heartbeat's grace period time to fail the killed trials)."""
+           killed: set[int], r: Result, rng: random.Random, t0: float, proxy: Proxy | None) -> None:
+    """Kill 10% of the workers with SIGKILL and cut the sessions ``a.cuts`` times, and kill the proxy (if
+    any) once and start it again 2 s later, at random moments of the window's first part (the rest leaves
+    the heartbeat's grace period time to fail the killed trials)."""
     n_kill = max(1, round(0.1 * c.n))
     latest = max(2.0, a.window - 20.0)
     events = sorted([(rng.uniform(2.0, latest), "kill") for _ in range(n_kill)]
-                    + [(rng.uniform(2.0, latest), "cut") for _ in range(a.cuts)])
+                    + [(rng.uniform(2.0, latest), "cut") for _ in range(a.cuts)]
+                    + ([(rng.uniform(2.0, latest), "restart")] if proxy is not None else []))
     for at, what in events:
         time.sleep(max(0.0, t0 + at - time.time()))
         if what == "kill":
@@ -694,6 +724,11 @@ def _chaos(c: Config, a: argparse.Namespace, admin: Any, database: str, procs: M
             killed.add(i)
             r.killed += 1
             _log(f"{c.label}: t+{at:.0f} s: killed worker {i} (SIGKILL)")
+        elif what == "restart":
+            assert proxy is not None
+            proxy.restart(down_s=2.0)
+            r.proxy_restarts += 1
+            _log(f"{c.label}: t+{at:.0f} s: killed the proxy (SIGKILL), started again on port {proxy.port}")
         else:
             n = _cut(admin, database)
             r.cuts += 1
@@ -723,7 +758,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _aggregate(r: Result, d: Path, procs: Mapping[int, subprocess.Popen[bytes]], killed: set[int], t0: float,
-               t1: float, monitor: Monitor, proxy: subprocess.Popen[bytes] | None) -> None:
+               t1: float, monitor: Monitor, proxy: Proxy | None) -> None:
     import socket
 
     for i, p in procs.items():
@@ -746,11 +781,12 @@ def _aggregate(r: Result, d: Path, procs: Mapping[int, subprocess.Popen[bytes]],
         for row in rows:
             if row.get("event") == "failed":
                 r.error_notes.append(f"worker {i}: trial {row['n']} failed: {row['error']}")
-        stale = log.count("was failed by another worker")
+        # Counted on Python's warning line (the line after it repeats the source, message and all).
+        stale = len(re.findall(r"UserWarning: trial \d+ was failed by another worker", log))
         if stale:
             r.error_notes.append(f"worker {i}: {stale} of its trials failed by another worker (heartbeat missed)")
     if proxy is not None:
-        plog = (d / "proxy.log").read_text(errors="replace")
+        plog = proxy.logs()
         r.reconnects += plog.count("reconnected after")
         if "Traceback" in plog:
             r.errors += 1
@@ -759,12 +795,13 @@ def _aggregate(r: Result, d: Path, procs: Mapping[int, subprocess.Popen[bytes]],
     if samples:
         totals = [sum(s.values()) for s in samples]
         r.conn_max, r.conn_mean = max(totals), statistics.mean(totals)
+        # The proxy's sessions, by its name in pg_stat_activity (the workers' sessions carry theirs).
+        proxies = {f"safesearch {socket.gethostname()}:{pid}"[:63] for pid in (proxy.pids if proxy else [])}
         if proxy is not None:
-            name = f"safesearch {socket.gethostname()}:{proxy.pid}"[:63]
-            own = [s.get(name, 0) for s in samples]
+            own = [sum(v for k, v in s.items() if k in proxies) for s in samples]
             r.proxy_conn_max, r.proxy_conn_mean = max(own), statistics.mean(own)
         r.worker_conn_max = max((v for s in samples for k, v in s.items() if k.startswith("safesearch ")
-                                 and (proxy is None or not k.endswith(f":{proxy.pid}"))), default=0)
+                                 and k not in proxies), default=0)
 
 
 def _last_line(log: str) -> str:
@@ -867,7 +904,7 @@ def tables(results: Sequence[Result], header: str) -> str:
                 f" (proxy {r.proxy_conn_max}, workers {r.worker_conn_max}!)"
         else:
             conn += f" ({r.worker_conn_max} max per worker)"
-        proxy = ("yes" + (f" (pool {c.pool}+0)" if c.pool else "")) if c.proxy else "no"
+        proxy = "yes" if c.proxy else "no"
         main.append(f"| {n} | {proxy} | {r.complete * 60 / r.window_s:.0f} | {_ms(r.ask_ms)} | "
                     f"{_ms(r.tell_ms)} | {conn} | {r.errors} | {r.retries} |")
     cost = ["| configuration | trials in window | transactions / trial | rows read / trial | sessions opened | "
@@ -885,7 +922,8 @@ def tables(results: Sequence[Result], header: str) -> str:
     for r in results:
         extra = [f"start-up {r.startup_s:.0f} s", f"window {r.window_s:.0f} s", f"states {r.states}", r.consistency]
         if r.config.chaos:
-            extra.append(f"{r.killed} killed, {r.cuts} cuts ({r.cut_sessions} sessions ended)")
+            extra.append(f"{r.killed} killed, {r.cuts} cuts ({r.cut_sessions} sessions ended)"
+                         + (f", the proxy restarted {r.proxy_restarts} time(s)" if r.proxy_restarts else ""))
         extra.append(f"{r.reconnects} reconnections")
         notes.append(f"- {r.config.label}: " + "; ".join(extra))
         seen: set[str] = set()
@@ -917,9 +955,6 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=5.0, help="Seconds between the start and the window.")
     ap.add_argument("--stagger", type=float, default=0.25, help="Seconds between two worker launches.")
     ap.add_argument("--cuts", type=int, default=3, help="Connection cuts per chaos run.")
-    ap.add_argument("--pool-what-if", type=int, default=32, metavar="N",
-                    help="One more proxy run with N workers, the proxy's pool at --pool-size, no overflow (0: none).")
-    ap.add_argument("--pool-size", type=int, default=4, help="The what-if's pool (default: the proxy's 4 threads).")
     ap.add_argument("--conn-limit", type=int, default=80,
                     help="CONNECTION LIMIT of the benchmark's role (the rest of max_connections stays for others).")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
@@ -939,7 +974,7 @@ def main() -> int:
     if a.worker:
         return worker_main(a)
     if a.quick:
-        a.n, a.chaos_n, a.window, a.cuts, a.pool_what_if = [4], 4, 15.0, 1, 4
+        a.n, a.chaos_n, a.window, a.cuts = [4], 4, 15.0, 1
     return drive(a)
 
 
@@ -964,8 +999,6 @@ def drive(a: argparse.Namespace) -> int:
     configs = [Config(n, proxy) for proxy in ([False] if a.no_proxy else [False, True]) for n in a.n]
     if a.chaos_n:
         configs += [Config(a.chaos_n, proxy, chaos=True) for proxy in ([False] if a.no_proxy else [False, True])]
-    if a.pool_what_if and not a.no_proxy:
-        configs.append(Config(a.pool_what_if, True, pool=a.pool_size))
     _ensure_role(admin, a.conn_limit)
     rng = random.Random(a.seed)
     results: list[Result] = []

@@ -31,6 +31,17 @@ What Optuna's proxy does not carry, and how it is carried here:
   id to the next study created (Optuna's documented caveat), which a study deleted after a failed set-up
   (``search.ensure_study``) and created again would hit. PostgreSQL never reuses an id.
 
+Outages, on either side of the proxy:
+
+- The proxy out of reach (stopped, restarted, the network): :class:`ProxyStorage` waits as a worker's
+  database storage does (``safesearch.reconnect.OutageWatch``: back-off, one line lost and one back, then
+  ``StorageOutage`` past ``--max-outage``), on a channel whose own reconnect back-off is capped at 5 s. So
+  a proxy can be restarted under running workers.
+- The proxy's database away: the proxy's storage waits for it too, at most ``--max-outage`` of the proxy
+  (10 s) per call; then the call answers UNAVAILABLE and the worker waits on its side. Any other error of
+  the proxy answers INTERNAL with one line (not gRPC's UNKNOWN with a traceback in it), which the worker
+  raises as ``StorageFailure``: :func:`_one_line_errors`.
+
 The proxy has no authentication and no TLS (Optuna's insecure channel): it listens on 127.0.0.1 unless
 ``--host`` says otherwise, and whoever reaches its port can read, change and delete every study.
 """
@@ -54,6 +65,7 @@ from optuna.storages import BaseStorage, GrpcStorageProxy, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 
 from safesearch.errors import UserError
+from safesearch.reconnect import DEFAULT_MAX_OUTAGE_S, Backoff, OutageWatch, StorageFailure, StorageOutage
 from safesearch.redact import mask_url
 from safesearch.studyspec import DEFAULT_MAX_RETRIES
 
@@ -71,6 +83,16 @@ _CALLS = ("Config", "Record", "Stale")
 # 2 + 2, overflow connections closed when given back and a busy proxy opened 700-1,700 sessions a minute,
 # twice the server CPU per trial; benchmarks/load.py).
 SERVER_THREADS = 4
+# How long one call waits inside the proxy for its database to come back before the worker is told
+# UNAVAILABLE and waits on its own (by its --max-outage): a blip is ridden out where it happens, a long
+# outage does not hold the proxy's few threads for minutes.
+PROXY_MAX_OUTAGE_S = 10.0
+# gRPC's channel tries to reconnect on its own back-off, which grows to 120 s by default: a proxy back after
+# a long outage would then wait that long for a worker to notice. Capped at 5 s (the worker's own back-off
+# between calls, safesearch.reconnect.Backoff, decides how often a call is tried).
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.initial_reconnect_backoff_ms", 500),
+                    ("grpc.min_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5000)]
+_STOPPED = "the storage proxy stopped answering"
 
 
 def is_proxy_url(url: str) -> bool:
@@ -110,6 +132,10 @@ def _target_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host  # an IPv6 address
 
 
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _dump(message: Any) -> bytes:
     return json.dumps(message).encode()
 
@@ -129,7 +155,8 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
     (:class:`~safesearch.storage.RetryTrial`; None: without limit). ``url`` is kept for messages.
     """
 
-    def __init__(self, url: str, *, heartbeat: bool = True, max_retry: int | None = DEFAULT_MAX_RETRIES) -> None:
+    def __init__(self, url: str, *, heartbeat: bool = True, max_retry: int | None = DEFAULT_MAX_RETRIES,
+                 max_outage_s: float = DEFAULT_MAX_OUTAGE_S) -> None:
         from safesearch.storage import RetryTrial
 
         host, port = proxy_address(url)
@@ -138,17 +165,37 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         self._heartbeat_on = heartbeat
         self._retry = RetryTrial(max_retry)
         self._interval: int | None = None
+        self.grace_period: int | None = None  # the proxy's (Config)
+        self.outages = OutageWatch(f"storage {mask_url(url)}", Backoff(max_outage_s), lost=_STOPPED)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)  # GrpcStorageProxy is experimental (4.2)
             super().__init__(host=_target_host(host), port=port)
 
     def _setup(self) -> None:
-        super()._setup()
+        from optuna.storages._grpc.auto_generated import api_pb2_grpc
+        from optuna.storages._grpc.client import GrpcClientCache
+
+        # GrpcStorageProxy._setup, with a channel that reconnects within seconds (_CHANNEL_OPTIONS).
+        self._channel = _grpc().insecure_channel(f"{self._host}:{self._port}", options=_CHANNEL_OPTIONS)
+        self._stub = api_pb2_grpc.StorageServiceStub(self._channel)
+        self._cache = GrpcClientCache(self._stub)
         self._calls = {
             name: self._channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=_dump,
                                             response_deserializer=_load)
             for name in _CALLS
         }
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        del state["_calls"]
+        watch = state.pop("outages")  # a lock and a thread-local: made anew on the other side
+        state["_max_outage_s"] = watch.backoff.max_outage_s
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        max_outage_s = state.pop("_max_outage_s")
+        self.outages = OutageWatch(f"storage {mask_url(state['url'])}", Backoff(max_outage_s), lost=_STOPPED)
+        super().__setstate__(state)
 
     def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> ProxyStorage:
         """Wait (at most ``timeout_s``) for the proxy and read its heartbeat; a one-line error when it does
@@ -175,6 +222,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
                                 "`safesearch storage proxy` instead") from None
             return self
         self._interval = config.get("heartbeat_interval")
+        self.grace_period = config.get("grace_period")
         return self
 
     # -- BaseHeartbeat, through the proxy's heartbeat service ------------------------------------------
@@ -182,8 +230,29 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
     def record_heartbeat(self, trial_id: int) -> None:
         self._calls["Record"]({"trial_id": trial_id})
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def beat_once(self, trial_id: int) -> None:
+        """One heartbeat, not waited for (:class:`~safesearch.reconnect.Heartbeat` tries again on its own
+        schedule); a proxy out of reach raises :class:`~safesearch.reconnect.StorageOutage`."""
+        try:
+            self._calls["Record"]({"trial_id": trial_id})
+        except Exception as e:
+            reason = _proxy_outage(e)
+            if reason is None:
+                raise
+            self.outages.lost(reason)
+            raise StorageOutage(f"storage {mask_url(self.url)}: {_STOPPED} ({reason})") from None
+        self.outages.back()
+
+    def _ask_stale(self, study_id: int) -> list[int]:
         return [int(t) for t in self._calls["Stale"]({"study_id": study_id})["trial_ids"]]
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """The proxy's stale trials (what Optuna's ``fail_stale_trials`` asks), none while this process is
+        settling after losing the proxy: the beats it could not send were lost too
+        (:meth:`~safesearch.reconnect.OutageWatch.settling`)."""
+        stale = self._ask_stale(study_id)
+        grace = self.grace_period or 2 * (self._interval or 0)
+        return [] if self.outages.settling(grace) else stale
 
     def get_heartbeat_interval(self) -> int | None:
         return self._interval if self._heartbeat_on else None
@@ -192,25 +261,35 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         return self._retry if self._heartbeat_on and self._interval is not None else None
 
 
-def _proxy_gone(name: str) -> Any:
-    """``ProxyStorage.<name>``, with a proxy that stopped answering (gRPC's UNAVAILABLE) raised as
-    :class:`~safesearch.reconnect.StorageOutage`: one line from the command line, and what ``give_up``
-    expects of a storage out of reach (the trial stays RUNNING; once a proxy serves again, the first worker
-    that finds its heartbeat silent fails it and queues its retry)."""
+def _proxy_outage(e: BaseException) -> str | None:
+    """The one-line reason when ``e`` says the proxy is out of reach (gRPC's UNAVAILABLE: stopped,
+    restarting, the network, or the proxy's own database away for longer than it waits), else None."""
+    grpc = _grpc()
+    if isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE:
+        return _rpc_reason(e)
+    return None
+
+
+def _through_the_proxy(name: str) -> Any:
+    """``ProxyStorage.<name>``, riding out a proxy that stopped answering as a database storage rides out a
+    lost connection (:class:`~safesearch.reconnect.OutageWatch`: back-off, one line each way, then
+    :class:`~safesearch.reconnect.StorageOutage` after ``max_outage_s``; what ``give_up`` expects of a
+    storage out of reach: the trial stays RUNNING and is retried once a proxy serves again). A call the
+    proxy failed (its error, in one line: :func:`_one_line_errors`) raises :class:`StorageFailure`."""
     method = getattr(ProxyStorage, name)
 
     def call(self: ProxyStorage, *args: Any, **kwargs: Any) -> Any:
+        grpc = _grpc()
         try:
-            return method(self, *args, **kwargs)
-        except Exception as e:
-            grpc = _grpc()
-            if not (isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE):
-                raise
-            from safesearch.reconnect import StorageOutage
-
-            raise StorageOutage(f"storage {mask_url(self.url)}: the storage proxy stopped answering "
-                                f"({_rpc_reason(e)}); a trial left RUNNING is retried once a proxy serves "
-                                "again") from None
+            return self.outages.call(lambda: method(self, *args, **kwargs), outage=_proxy_outage)
+        except grpc.RpcError as e:
+            reason = _proxy_outage(e)
+            if reason is not None:  # tried once (reconnect.impatient): out of reach all the same
+                raise StorageOutage(f"storage {mask_url(self.url)}: {_STOPPED} ({reason})") from None
+            if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                raise StorageFailure(f"storage {mask_url(self.url)}: the storage proxy failed this call "
+                                   f"({_rpc_reason(e)})") from None
+            raise
 
     call.__name__ = name
     call.__doc__ = method.__doc__
@@ -220,8 +299,8 @@ def _proxy_gone(name: str) -> Any:
 # Every storage call of the client: Optuna's (the public methods of GrpcStorageProxy) and the heartbeat's.
 _STORAGE_CALLS = [name for name, v in vars(GrpcStorageProxy).items()
                   if callable(v) and not name.startswith("_") and name not in ("close", "wait_server_ready")]
-for _name in [*_STORAGE_CALLS, "record_heartbeat", "_get_stale_trial_ids"]:
-    setattr(ProxyStorage, _name, _proxy_gone(_name))
+for _name in [*_STORAGE_CALLS, "record_heartbeat", "_ask_stale"]:
+    setattr(ProxyStorage, _name, _through_the_proxy(_name))
 
 
 def _rpc_reason(e: Any) -> str:
@@ -229,9 +308,13 @@ def _rpc_reason(e: Any) -> str:
     return f"{e.code().name}: {details}" if details else str(e.code().name)
 
 
-def open_proxy(url: str, *, heartbeat: bool = True, max_retry: int | None = DEFAULT_MAX_RETRIES) -> ProxyStorage:
-    """The storage behind the proxy at ``url``, checked to answer within :data:`CONNECT_TIMEOUT_S`."""
-    return ProxyStorage(url, heartbeat=heartbeat, max_retry=max_retry).connect()
+def open_proxy(url: str, *, heartbeat: bool = True, max_retry: int | None = DEFAULT_MAX_RETRIES,
+               max_outage_s: float = DEFAULT_MAX_OUTAGE_S) -> ProxyStorage:
+    """The storage behind the proxy at ``url``, checked to answer within :data:`CONNECT_TIMEOUT_S`; once it
+    has, a proxy that stops answering is waited for up to ``max_outage_s`` seconds."""
+    if max_outage_s < 0:
+        raise UserError(f"maximum outage {max_outage_s:g}: must be 0 or more seconds")
+    return ProxyStorage(url, heartbeat=heartbeat, max_retry=max_retry, max_outage_s=max_outage_s).connect()
 
 
 def probe_proxy(url: str) -> bool:
@@ -267,7 +350,8 @@ class HeartbeatService:
     def stale(self, request: dict[str, Any], context: Any) -> dict[str, Any]:
         study_id = int(request["study_id"])
         stale = set(self.storage._get_stale_trial_ids(study_id)) | self._silent_past_grace(study_id)
-        return {"trial_ids": sorted(stale)}
+        # None while the proxy's own database is settling after an outage: its workers' beats were lost.
+        return {"trial_ids": [] if self.rdb.outages.settling(self.grace) else sorted(stale)}
 
     def _silent_past_grace(self, study_id: int) -> set[int]:
         """RUNNING trials without any beat, seen so by this proxy for longer than the grace period."""
@@ -319,6 +403,42 @@ def _bind(server: grpc.Server, host: str, port: int) -> int:
     return bound
 
 
+def _one_line_errors(report: Any) -> grpc.ServerInterceptor:
+    """A server interceptor for the errors the servicers do not answer themselves. Optuna's servicer turns
+    the errors its client expects into status codes (NOT_FOUND for KeyError, ...); anything else reached the
+    worker as gRPC's UNKNOWN with the proxy's traceback in it ("Exception calling application: ..."). Here
+    the proxy's database away past the proxy's wait (:class:`~safesearch.reconnect.StorageOutage`) answers
+    UNAVAILABLE, which workers wait out as a proxy out of reach (the outage has its two lines on the
+    proxy's stderr already), and any other error INTERNAL with its one line, also printed on the proxy's
+    stderr (``report``): the worker stops in one line (:class:`~safesearch.reconnect.StorageFailure`)."""
+    grpc = _grpc()
+    from safesearch.reconnect import driver_message
+
+    class OneLineErrors(grpc.ServerInterceptor):
+        def intercept_service(self, continuation: Any, details: Any) -> Any:
+            handler = continuation(details)
+            if handler is None or handler.unary_unary is None:  # every call here is unary-unary
+                return handler
+            inner, method = handler.unary_unary, details.method.rsplit("/", 1)[-1]
+
+            def behaviour(request: Any, context: Any) -> Any:
+                try:
+                    return inner(request, context)
+                except Exception as e:
+                    if context.code() is not None:  # the servicer's own answer (context.abort)
+                        raise
+                    if isinstance(e, StorageOutage):  # the proxy's storage has said so already, once
+                        context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+                    line = f"{type(e).__name__}: {driver_message(e)}"
+                    report(f"{method} failed: {line}")
+                    context.abort(grpc.StatusCode.INTERNAL, line)
+
+            return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=handler.request_deserializer,
+                                                       response_serializer=handler.response_serializer)
+
+    return OneLineErrors()
+
+
 class ProxyServer:
     """The gRPC server of ``safesearch storage proxy``: Optuna's storage servicer and the heartbeat
     service on one port. Built as ``optuna.storages.run_grpc_proxy_server`` builds its own (its
@@ -326,7 +446,8 @@ class ProxyServer:
     would start and silently share it) and with the heartbeat service added."""
 
     def __init__(self, url: str | None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
-                 heartbeat_s: int | None = None, grace_s: int | None = None) -> None:
+                 heartbeat_s: int | None = None, grace_s: int | None = None,
+                 max_outage_s: float = PROXY_MAX_OUTAGE_S) -> None:
         grpc = _grpc()
         from optuna.storages._grpc.auto_generated import api_pb2_grpc
         from optuna.storages._grpc.servicer import OptunaStorageProxyService
@@ -338,15 +459,19 @@ class ProxyServer:
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=SERVER_THREADS, thread_name_prefix="storage-proxy"),
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", -1)],
+            interceptors=[_one_line_errors(_stderr_line)],
         )
         try:
             # The port first: a port that is taken leaves the database untouched.
             self.port = _bind(self.server, host, port)
             self.rdb = open_storage(self.url, heartbeat_interval=heartbeat_s or DEFAULT_HEARTBEAT_INTERVAL,
-                                    grace_period=grace_s, max_retry=None, connections=SERVER_THREADS)
+                                    grace_period=grace_s, max_retry=None, connections=SERVER_THREADS,
+                                    max_outage_s=max_outage_s)
         except BaseException:
             self.server.stop(None)
             raise
+        self.rdb.outages.gives_up = ("the proxy answers UNAVAILABLE until it is back, and its workers wait by their "
+                                     "own --max-outage")
         storage = optuna.storages.get_storage(self.rdb)  # Optuna's cache of finished trials, as its docs advise
         self.heartbeats = HeartbeatService(storage, self.rdb)
         api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage), self.server)
@@ -372,13 +497,13 @@ class ProxyServer:
 
 
 def serve(url: str | None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, heartbeat_s: int | None = None,
-          grace_s: int | None = None) -> None:
+          grace_s: int | None = None, max_outage_s: float = PROXY_MAX_OUTAGE_S) -> None:
     """Run the proxy until Ctrl-C or SIGTERM (then ``KeyboardInterrupt``, which the command line turns into
     its one line and exit 130). One line on stderr says where it serves, once it does."""
     from safesearch import interrupts
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study created through it
-    proxy = ProxyServer(url, host, port, heartbeat_s=heartbeat_s, grace_s=grace_s)
+    proxy = ProxyServer(url, host, port, heartbeat_s=heartbeat_s, grace_s=grace_s, max_outage_s=max_outage_s)
     try:
         proxy.start()
         h = proxy.heartbeats

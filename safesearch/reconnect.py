@@ -22,12 +22,18 @@ either took effect or did not. The one doubt is a commit that reached the server
 
 :class:`Heartbeat` beats for a running trial without the trial loop's back-off: every interval, and every
 second or so while the server is away, so that once it is back the trial's beat is fresh within a
-second and no other worker takes the trial for a dead worker's.
+second. Beats sent during the outage were lost all the same, so a storage that has just come back judges
+no trial stale for a grace period (:meth:`OutageWatch.settling`): no live worker's trial is taken for a
+dead worker's.
+
+:class:`OutageWatch` holds what is common to any storage that can go away (when, the lines, the waiting
+loop); ``safesearch.proxy.ProxyStorage`` uses it for a storage proxy out of reach.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import sys
 import threading
@@ -65,6 +71,10 @@ class StorageOutage(UserError):
     """The storage stayed out of reach for longer than the worker was told to wait."""
 
 
+class StorageFailure(UserError):
+    """The storage answered but failed the call (an error inside a storage proxy): not worth waiting for."""
+
+
 def is_outage(e: BaseException) -> bool:
     """Whether ``e`` says the server or the connection to it is gone (worth waiting for), as opposed to
     a request the server refused (a bug or bad data: making it again would fail again).
@@ -97,6 +107,9 @@ def _stderr_line(line: str) -> None:
 
 
 _local = threading.local()
+_slow_beat_said = False  # Heartbeat._check_pace: once per process
+_WORKER_GIVES_UP = ("this worker gives up (its running trial, if any, is retried by the study's other workers once "
+                    "its heartbeat goes silent)")
 
 
 @contextlib.contextmanager
@@ -120,96 +133,173 @@ _RETRIED = (
     "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param", "get_trial_param",
     "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
     "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials", "get_best_trial",
-    "_get_best_trial_id", "record_heartbeat", "_get_stale_trial_ids",
+    "_get_best_trial_id", "record_heartbeat",
 )
+
+
+class OutageWatch:
+    """One process's view of its storage being away: when the outage began, the line that says so and
+    the line when it ends, and the loop that makes a call again until the storage answers or
+    ``backoff.max_outage_s`` has passed. Shared by every thread of the process (one outage, one pair of
+    lines), whatever the storage: a database (:class:`ReconnectingStorage`) or a storage proxy
+    (``safesearch.proxy.ProxyStorage``).
+
+    ``where``: how lines name the storage (password masked); ``lost``: what happened ("connection
+    lost"); ``gives_up``: what follows once the wait is over (who stops, what becomes of the trial).
+    """
+
+    def __init__(self, where: str, backoff: Backoff, report: Callable[[str], None] | None = None, *,
+                 lost: str = "connection lost", gives_up: str = _WORKER_GIVES_UP) -> None:
+        self.where = where
+        self.backoff = backoff
+        self.report = report or _stderr_line
+        self.lost_what = lost
+        self.gives_up = gives_up
+        self._lock = threading.Lock()
+        self.down_since: float | None = None
+        self.back_at: float | None = None  # when the last outage ended
+        self._depth = threading.local()  # calls of this storage nested in one another (Optuna's own)
+        self._rng = random.Random()
+
+    def lost(self, reason: str) -> float:
+        """Note a failed call; when the outage began (the first failure since the last success)."""
+        with self._lock:
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                self.report(f"{self.where}: {self.lost_what} ({reason}); reconnecting, for at most "
+                            f"{self.backoff.max_outage_s:g} s")
+            return self.down_since
+
+    def back(self) -> None:
+        if self.down_since is None:  # the usual case: no lock taken
+            return
+        with self._lock:
+            if self.down_since is not None:
+                self.back_at = time.monotonic()
+                self.report(f"{self.where}: reconnected after {self.back_at - self.down_since:.1f} s")
+                self.down_since = None
+
+    def dropped(self) -> None:
+        """A connection was found dead and replaced without a failed call (the pool's pre-ping, at the
+        first call after an outage that no call of this process met): beats may have been lost all the
+        same, so the storage settles from now (:meth:`settling`)."""
+        with self._lock:
+            if self.down_since is None:
+                self.back_at = time.monotonic()
+
+    def settling(self, grace_s: float) -> bool:
+        """Whether the storage is away, or came back less than ``grace_s`` seconds ago. Every beat sent during
+        an outage was lost, so until each live worker has beaten again (its :class:`Heartbeat` tries every
+        second) a live worker's trial looks as stale as a dead one's: stale trials are judged after that."""
+        if self.down_since is not None:
+            return True
+        return self.back_at is not None and time.monotonic() - self.back_at < grace_s
+
+    def call(self, fn: Callable[[], Any], *, outage: Callable[[BaseException], str | None],
+             reset: Callable[[], None] | None = None) -> Any:
+        """``fn()``, made again after each outage until it succeeds or the outage has lasted
+        ``max_outage_s`` (then :class:`StorageOutage`). ``outage(e)``: the one-line reason when ``e``
+        means the storage is away, None for any other error (raised at once: making it again would fail
+        again). ``reset``: run before the next attempt (a fresh database session). Only the outermost call
+        of a thread waits: Optuna's methods call one another, and the inner ones must fail through to it."""
+        if getattr(self._depth, "n", 0):
+            return fn()
+        self._depth.n = 1
+        try:
+            attempt = 0
+            while True:
+                try:
+                    result = fn()
+                except Exception as e:
+                    reason = outage(e)
+                    if reason is None:
+                        raise
+                    since = self.lost(reason)
+                    if reset is not None:
+                        with contextlib.suppress(Exception):
+                            reset()
+                    if getattr(_local, "impatient", False):
+                        raise
+                    out_s = time.monotonic() - since
+                    if out_s >= self.backoff.max_outage_s:
+                        raise StorageOutage(f"{self.where}: unreachable for {out_s:.0f} s ({reason}); "
+                                            f"{self.gives_up}") from None
+                    time.sleep(min(self.backoff.wait_s(attempt, self._rng),
+                                   max(0.0, self.backoff.max_outage_s - out_s)))
+                    attempt += 1
+                    continue
+                self.back()
+                return result
+        finally:
+            self._depth.n = 0
+
+
+def database_outage(e: BaseException) -> str | None:
+    """The driver's one-line reason when ``e`` is a lost connection (:func:`is_outage`), else None."""
+    return driver_message(e) if is_outage(e) else None
+
+
+class _LostConnectionFallback(logging.Filter):
+    """Drops Optuna's warning that its trial read "caught an error from sqlalchemy ... falling back to a
+    slower alternative" when the error is a lost connection: a dozen lines of SQL and parameters in the
+    worker's log at every cut, about an error the storage reports in one line and waits out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Caught an error from sqlalchemy") and "OperationalError" in message)
+
+
+def _quiet_optuna_fallback() -> None:
+    logger = logging.getLogger("optuna.storages._rdb.storage")
+    if not any(isinstance(f, _LostConnectionFallback) for f in logger.filters):
+        logger.addFilter(_LostConnectionFallback())
 
 
 class ReconnectingStorage(RDBStorage):
     """Optuna's RDBStorage riding out connection losses (see the module docstring).
 
     ``backoff``: how long and how often to try again; ``report``: where the lines about the connection
-    go (stderr by default). Any other argument is RDBStorage's.
+    go (stderr by default); ``gives_up``: what the line at the end of the wait adds (by default, that
+    this worker stops and its trial is retried elsewhere). Any other argument is RDBStorage's.
     """
 
     def __init__(self, url: str, *args: Any, backoff: Backoff | None = None,
-                 report: Callable[[str], None] | None = None, **kwargs: Any) -> None:
-        self.backoff = backoff or Backoff()
-        self._report = report or _stderr_line
-        self._setup_outage_state()
+                 report: Callable[[str], None] | None = None, gives_up: str = _WORKER_GIVES_UP,
+                 **kwargs: Any) -> None:
+        # Before RDBStorage's constructor, whose own queries may already need it.
+        self.outages = OutageWatch(f"storage {mask_url(url)}", backoff or Backoff(), report, gives_up=gives_up)
         super().__init__(url, *args, **kwargs)
+        self._watch_pool()
+        _quiet_optuna_fallback()
 
-    def _setup_outage_state(self) -> None:
-        self._outage_lock = threading.Lock()
-        self._down_since: float | None = None
-        self._depth = threading.local()  # calls of this storage nested in one another (Optuna's own)
-        self._rng = random.Random()
+    def _watch_pool(self) -> None:
+        sa.event.listen(self.engine, "invalidate", lambda *_: self.outages.dropped())
+
+    @property
+    def backoff(self) -> Backoff:
+        return self.outages.backoff
+
+    @backoff.setter
+    def backoff(self, backoff: Backoff) -> None:
+        self.outages.backoff = backoff
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
-        for key in ("_outage_lock", "_down_since", "_depth", "_rng"):
-            state.pop(key, None)
+        watch = state.pop("outages")  # a lock and a thread-local: made anew on the other side
+        state["_outage_settings"] = (watch.backoff, watch.report, watch.gives_up)
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
-        self._setup_outage_state()
+        backoff, report, gives_up = state.pop("_outage_settings")
+        self.outages = OutageWatch(f"storage {mask_url(state['url'])}", backoff, report, gives_up=gives_up)
         super().__setstate__(state)
-
-    # -- the outage, as every thread of this process sees it ---------------------------------------------
-
-    def _lost(self, e: BaseException) -> float:
-        """Note a failed call; when the outage began (the first failure since the last success)."""
-        with self._outage_lock:
-            if self._down_since is None:
-                self._down_since = time.monotonic()
-                self._report(f"storage {mask_url(self.url)}: connection lost ({driver_message(e)}); reconnecting, "
-                             f"for at most {self.backoff.max_outage_s:g} s")
-            return self._down_since
-
-    def _back(self) -> None:
-        if self._down_since is None:  # the usual case: no lock taken
-            return
-        with self._outage_lock:
-            if self._down_since is not None:
-                self._report(f"storage {mask_url(self.url)}: reconnected after "
-                             f"{time.monotonic() - self._down_since:.1f} s")
-                self._down_since = None
+        self._watch_pool()
 
     def call_reconnecting(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)``, made again after each outage until it succeeds or the outage has
-        lasted ``max_outage_s``. Only the outermost call of a thread waits: Optuna's methods call one
-        another, and the inner ones must fail through to it."""
-        depth = getattr(self._depth, "n", 0)
-        if depth:
-            return fn(*args, **kwargs)
-        self._depth.n = 1
-        try:
-            attempt = 0
-            while True:
-                try:
-                    result = fn(*args, **kwargs)
-                except Exception as e:
-                    if not is_outage(e):
-                        raise
-                    since = self._lost(e)
-                    # A fresh session for the next attempt: this thread's may wait on a rollback.
-                    with contextlib.suppress(Exception):
-                        self.scoped_session.remove()
-                    if getattr(_local, "impatient", False):
-                        raise
-                    out_s = time.monotonic() - since
-                    if out_s >= self.backoff.max_outage_s:
-                        raise StorageOutage(
-                            f"storage {mask_url(self.url)}: unreachable for {out_s:.0f} s ({driver_message(e)}); this "
-                            "worker gives up (its running trial, if any, is retried by the study's other workers "
-                            "once its heartbeat goes silent)") from None
-                    time.sleep(min(self.backoff.wait_s(attempt, self._rng),
-                                   max(0.0, self.backoff.max_outage_s - out_s)))
-                    attempt += 1
-                    continue
-                self._back()
-                return result
-        finally:
-            self._depth.n = 0
+        """``fn(*args, **kwargs)``, made again after each outage (:meth:`OutageWatch.call`), each time on a
+        fresh session: this thread's may wait on a rollback."""
+        return self.outages.call(lambda: fn(*args, **kwargs), outage=database_outage,
+                                 reset=self.scoped_session.remove)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         attempts = 0
@@ -227,15 +317,23 @@ class ReconnectingStorage(RDBStorage):
 
         return self.call_reconnecting(once)
 
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's stale trials (beaten, then silent past the grace period), none while the storage is
+        settling after an outage (:meth:`OutageWatch.settling`): judged after the query, which may be the
+        call that finds the outage."""
+        stale = self.call_reconnecting(RDBStorage._get_stale_trial_ids, self, study_id)
+        assert self.heartbeat_interval is not None  # Optuna asks only a storage with a heartbeat
+        return [] if self.outages.settling(self.grace_period or 2 * self.heartbeat_interval) else stale
+
     def beat_once(self, trial_id: int) -> None:
         """One heartbeat, not waited for: the heartbeat thread tries again on its own schedule."""
         try:
             RDBStorage.record_heartbeat(self, trial_id)
         except Exception as e:
             if is_outage(e):
-                self._lost(e)
+                self.outages.lost(driver_message(e))
             raise
-        self._back()
+        self.outages.back()
 
 
 def _has_state(trial: Any, state: TrialState, values: Sequence[float] | None) -> bool:
@@ -265,8 +363,10 @@ class Heartbeat:
     as it is back. A failed beat never ends the thread (Optuna's thread died on the first one, printing
     a traceback). ``start`` / ``join`` as Optuna's heartbeat thread."""
 
-    def __init__(self, trial_id: int, storage: Any, interval: float, outage_interval: float = 1.0) -> None:
+    def __init__(self, trial_id: int, storage: Any, interval: float, outage_interval: float = 1.0, *,
+                 grace_s: float | None = None) -> None:
         self.trial_id = trial_id
+        self.grace_s = grace_s
         # Past Optuna's cache layer (a study's storage), to the storage that knows beat_once.
         self.storage = getattr(storage, "_backend", storage)
         self.interval = interval
@@ -277,14 +377,29 @@ class Heartbeat:
 
     def _beat(self) -> bool:
         beat = getattr(self.storage, "beat_once", None) or self.storage.record_heartbeat
+        t0 = time.monotonic()
         try:
             beat(self.trial_id)
+            self._check_pace(time.monotonic() - t0)
         except Exception as e:  # noqa: BLE001 - a thread has nobody to raise to; tried again soon
-            if not is_outage(e) and not self._reported:  # an outage is reported by the storage
+            outage = is_outage(e) or isinstance(e, StorageOutage)
+            if not outage and not self._reported:  # an outage is reported by the storage
                 self._reported = True
                 _stderr_line(f"heartbeat of trial id {self.trial_id}: {driver_message(e)}; trying again")
             return False
         return True
+
+    def _check_pace(self, took_s: float) -> None:
+        """One line per process when a beat took more than half the grace period: the storage is so slow
+        that a live worker's beat can land past the grace, and its trial be failed as a dead worker's
+        (seen with a 3 s grace on an overloaded machine, benchmarks/load.py)."""
+        global _slow_beat_said
+        if self.grace_s is None or took_s <= self.grace_s / 2 or _slow_beat_said:
+            return
+        _slow_beat_said = True
+        _stderr_line(f"heartbeat of trial id {self.trial_id} took {took_s:.1f} s, over half the grace period "
+                     f"({self.grace_s:g} s): live trials may be failed as stale; give the study's workers a longer "
+                     "grace (--heartbeat-grace, on the storage proxy if there is one)")
 
     def _run(self) -> None:
         while True:

@@ -67,6 +67,7 @@ from safesearch.reconnect import (
     Backoff,
     Heartbeat,
     ReconnectingStorage,
+    StorageFailure,
     StorageOutage,
     driver_message,
     impatient,
@@ -304,7 +305,7 @@ def open_storage(
     """
     url = resolve_url(url)
     if is_proxy_url(url):
-        return _open_proxy(url, heartbeat_interval, grace_period, max_retry)
+        return _open_proxy(url, heartbeat_interval, grace_period, max_retry, max_outage_s)
     parsed = _parse(url)
     if heartbeat_interval is not None and heartbeat_interval <= 0:
         raise UserError(f"heartbeat interval {heartbeat_interval}: must be a positive number of seconds")
@@ -345,7 +346,7 @@ def open_storage(
 
 
 def _open_proxy(url: str, heartbeat_interval: int | None, grace_period: int | None,
-                max_retry: int | None) -> Any:
+                max_retry: int | None, max_outage_s: float) -> Any:
     """The storage behind a ``grpc://`` proxy: the proxy's heartbeat interval and grace period hold for
     every worker (see :mod:`safesearch.proxy`), so a worker may only turn its heartbeat on or off."""
     from safesearch.proxy import open_proxy
@@ -353,7 +354,7 @@ def _open_proxy(url: str, heartbeat_interval: int | None, grace_period: int | No
     if grace_period is not None:
         raise UserError(f"storage {mask_url(url)}: the storage proxy sets the heartbeat grace period "
                         "(safesearch storage proxy --heartbeat-grace), not its workers")
-    return open_proxy(url, heartbeat=heartbeat_interval is not None, max_retry=max_retry)
+    return open_proxy(url, heartbeat=heartbeat_interval is not None, max_retry=max_retry, max_outage_s=max_outage_s)
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -470,7 +471,7 @@ def give_up(study: optuna.Study, trial: optuna.Trial, error: str, retry: RetryTr
             return retry(study, study._storage.get_trial(trial._trial_id))
         except optuna.exceptions.UpdateFinishedTrialError:
             return None
-        except (sa.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, StorageOutage):
+        except (sa.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, StorageOutage, StorageFailure):
             return None
 
 
@@ -585,12 +586,22 @@ def fail_stale(study: optuna.Study) -> None:
     and its first beat (milliseconds) would leave it RUNNING for ever, and the study one trial short.
     So a trial seen RUNNING without any beat for longer than the grace period, by this process's own
     clock (machines' clocks and time zones may differ), is failed and retried the same way. Hence
-    every worker of a study must run with a heartbeat (the default).
+    every worker of a study must run with a heartbeat (the default). Nothing is judged stale for a grace
+    period after this process's storage comes back from an outage (``OutageWatch.settling``).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
         _fail_silent(study)
+
+
+def grace_period_of(study: optuna.Study) -> float | None:
+    """Seconds without a beat before a running trial is failed as stale (None without heartbeat)."""
+    interval = heartbeat_interval_of(study)
+    if interval is None:
+        return None
+    storage = getattr(study._storage, "_backend", study._storage)
+    return getattr(storage, "grace_period", None) or 2 * interval
 
 
 # (id of the RDBStorage, trial id) -> when this process first saw the trial RUNNING without a beat.
@@ -630,6 +641,8 @@ def _fail_silent(study: optuna.Study) -> None:
         return
     grace = rdb.grace_period or 2 * rdb.heartbeat_interval
     silent = never_beaten(rdb, study._study_id)
+    if isinstance(rdb, ReconnectingStorage) and rdb.outages.settling(grace):
+        return
     now, key = time.monotonic(), id(rdb)
     for k in [k for k in _silent_since if k[0] == key and k[1] not in silent]:
         del _silent_since[k]
@@ -659,7 +672,7 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     # Not Optuna's heartbeat thread: it dies (with a traceback) at the first beat the storage fails,
     # and the trial of a worker that lived through an outage is then failed as a dead worker's.
     # Not a `with` either: an interrupt right after the thread starts would skip the join.
-    beating = Heartbeat(trial._trial_id, study._storage, interval)
+    beating = Heartbeat(trial._trial_id, study._storage, interval, grace_s=grace_period_of(study))
     started = False
     try:
         with interrupts.deferred():

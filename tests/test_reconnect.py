@@ -18,6 +18,7 @@ database meanwhile turns the cut into an outage (every reconnect refused) for as
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -32,8 +33,9 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 from study_world import spec_dict, write_spec
 
-from safesearch.reconnect import Backoff, ReconnectingStorage, StorageOutage, is_outage
-from safesearch.storage import count_states, open_storage, unretried_failures
+from safesearch import reconnect
+from safesearch.reconnect import Backoff, Heartbeat, ReconnectingStorage, StorageOutage, is_outage
+from safesearch.storage import count_states, fail_stale, open_storage, unretried_failures
 
 pytestmark = pytest.mark.postgres
 
@@ -106,7 +108,7 @@ def test_a_call_waits_out_an_outage_and_says_so(server: tuple[Server, str]) -> N
     lines: list[str] = []
     storage = open_storage(url, heartbeat_interval=None)
     assert isinstance(storage, ReconnectingStorage)
-    storage._report = lines.append
+    storage.outages.report = lines.append
     study = optuna.create_study(storage=storage, study_name="s", directions=["maximize"])
     study.enqueue_trial({"x": 1.0})
     outage = threading.Thread(target=srv.outage, args=(1.5,))
@@ -128,7 +130,7 @@ def test_a_call_waits_out_an_outage_and_says_so(server: tuple[Server, str]) -> N
 def test_past_max_outage_a_call_gives_up_in_one_line(server: tuple[Server, str]) -> None:
     srv, url = server
     storage = open_storage(url, heartbeat_interval=None, max_outage_s=1.0)
-    storage._report = lambda line: None
+    storage.outages.report = lambda line: None
     study = optuna.create_study(storage=storage, study_name="s")
     srv.allow(False)
     try:
@@ -279,3 +281,71 @@ def test_a_worker_past_its_max_outage_stops_in_one_line_and_its_trial_runs_again
     # The same point (a trial cut off before its last suggest has only some of its params stored).
     assert {k: retries[0].params[k] for k in first.params} == first.params
     reader.engine.dispose()
+
+
+def test_a_heartbeat_slower_than_half_the_grace_period_says_so(
+    server: tuple[Server, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A beat held up by a lock on the heartbeat table for 1.5 s, with a grace period of 2 s: the live
+    trial could be taken for a dead worker's, and the worker says so, once."""
+    _, url = server
+    monkeypatch.setattr(reconnect, "_slow_beat_said", False)
+    storage = open_storage(url, heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(storage=storage, study_name="slow", directions=["maximize"])
+    trial = study.ask()
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        conn.execute(sa.text("lock table trial_heartbeats in access exclusive mode"))
+        beating = Heartbeat(trial._trial_id, storage, 1, grace_s=2)
+        beating.start()
+        time.sleep(1.5)
+        conn.commit()
+    time.sleep(1.5)
+    beating.join()
+    err = capsys.readouterr().err
+    assert err.count("over half the grace period (2 s)") == 1, err
+    assert re.search(rf"heartbeat of trial id {trial._trial_id} took 1\.\d s", err), err
+    engine.dispose()
+    storage.engine.dispose()
+
+
+def test_stale_trials_are_judged_a_grace_period_after_an_outage(server: tuple[Server, str]) -> None:
+    """Every beat sent during an outage is lost: right after it, a live worker's trial looks as stale as a
+    dead one's. A worker whose storage came back within the grace period judges no trial stale; once the
+    grace period has passed without a beat, the trial is failed and retried as usual."""
+    srv, url = server
+    storage = open_storage(url, heartbeat_interval=1, grace_period=2)
+    storage.outages.report = lambda line: None
+    study = optuna.create_study(storage=storage, study_name="settle", directions=["maximize"])
+    trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)
+    srv.outage(3.0)  # longer than the grace period; the first call after it finds the cut connection
+    fail_stale(study)
+    assert study.trials[trial.number].state == TrialState.RUNNING
+    time.sleep(2.5)  # the grace period since the storage came back, without a beat
+    fail_stale(study)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.FAIL, TrialState.WAITING], states  # failed, and its retry queued
+    storage.engine.dispose()
+
+
+def test_optunas_fallback_warning_about_a_lost_connection_is_dropped(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Optuna's trial read logs a dozen lines (the SQL, its parameters) when a cut connection fails it, and
+    tries again; the storage has its own line for the lost connection, so that warning is dropped. Optuna's
+    other warnings are kept."""
+    from optuna.storages._rdb import storage as optuna_rdb
+
+    storage = open_storage(postgres_url, heartbeat_interval=None)
+    optuna.logging.enable_propagation()  # to pytest's handler on the root logger
+    try:
+        optuna_rdb._logger.warning("Caught an error from sqlalchemy: (psycopg.OperationalError) consuming input "
+                                   "failed: server closed the connection unexpectedly\n[SQL: SELECT ...]. Falling "
+                                   "back to a slower alternative.")
+        optuna_rdb._logger.warning("some other warning")
+    finally:
+        optuna.logging.disable_propagation()
+    logged = [r.getMessage() for r in caplog.records]
+    assert "some other warning" in logged and not any("Caught an error" in m for m in logged), logged
+    storage.engine.dispose()

@@ -28,8 +28,13 @@ def storage_group() -> None:
               help="Heartbeat interval of every worker behind the proxy (default: 60).")
 @click.option("--heartbeat-grace", "grace_s", type=click.IntRange(min=1), default=None, metavar="SECONDS",
               help="A trial without a heartbeat for this long is failed and retried (default: twice the interval).")
-def proxy(storage_url: str | None, host: str, port: int, heartbeat_s: int | None, grace_s: int | None) -> None:
+@click.option("--max-outage", "max_outage_s", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="How long one call waits for the database to come back before its worker is told the storage "
+                   "is away (and waits by its own --max-outage) (default: 10).")
+def proxy(storage_url: str | None, host: str, port: int, heartbeat_s: int | None, grace_s: int | None,
+          max_outage_s: float | None) -> None:
     """Serve the study database over gRPC until Ctrl-C; workers take --storage grpc://HOST:PORT."""
-    from safesearch.proxy import serve
+    from safesearch.proxy import PROXY_MAX_OUTAGE_S, serve
 
-    serve(storage_url, host, port, heartbeat_s=heartbeat_s, grace_s=grace_s)
+    serve(storage_url, host, port, heartbeat_s=heartbeat_s, grace_s=grace_s,
+          max_outage_s=PROXY_MAX_OUTAGE_S if max_outage_s is None else max_outage_s)
