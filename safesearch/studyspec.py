@@ -4,7 +4,8 @@ A study spec is YAML (``studies/toy.yaml`` is the toy world's)::
 
     name: toy                        # the study's name in the storage (default: the file name)
     graft: toy-graft.yaml            # a graft spec file (relative to this file), or the graft spec itself inline
-    data_root: ..                    # where the suites' relative dataset paths resolve (default: $SAFESEARCH_DATA_ROOT or .)
+    data_root: ..                    # where the suites' relative dataset paths resolve (default: $SAFESEARCH_DATA_ROOT,
+                                     # else this file's folder)
     search:                          # one entry per vector of the graft: the range of its per-group coefficients
       safety:
         range: [0.0, 2.0]            # every group independently ...
@@ -62,6 +63,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -72,7 +74,7 @@ from typing import Any
 from safesearch.errors import UserError
 from safesearch.graftspec import GraftSpec, graft_field
 from safesearch.rates import lower_bound, upper_bound
-from safesearch.suites import Suite, default_data_root, load_suite
+from safesearch.suites import Suite, default_data_root, is_suite_path, load_suite
 from safesearch.textfiles import read_yaml
 
 # Here rather than from safesearch.grafted / safesearch.storage, which load torch and optuna: reading a spec
@@ -366,16 +368,22 @@ def study_spec_from_dict(
 
     graft = graft_field(f.get("graft", (str, dict), required=True), base, f"{where}: graft")
     root_raw = f.get("data_root", str, None)
-    data_root = _path(root_raw, base) if root_raw is not None else default_data_root().resolve()
+    # Without data_root: $SAFESEARCH_DATA_ROOT, else the spec file's folder (every relative path of a spec
+    # file resolves there, as the graft's and the suites' do).
+    env_root = os.environ.get("SAFESEARCH_DATA_ROOT")
+    if root_raw is not None:
+        data_root = _path(root_raw, base)
+    else:
+        data_root = (default_data_root() if env_root else base).resolve()
 
     search = _search(f.section("search", required=True), graft)
     objectives = tuple(
-        _objective(o, f"objectives[{i}]", where, suite_dirs)
+        _objective(o, f"objectives[{i}]", where, suite_dirs, base)
         for i, o in enumerate(f.list_of("objectives", required=True))
     )
     _unique([o.name for o in objectives], f.where, "objectives")
     constraints = tuple(
-        _constraint(c, f"constraints[{i}]", where, suite_dirs) for i, c in enumerate(f.list_of("constraints"))
+        _constraint(c, f"constraints[{i}]", where, suite_dirs, base) for i, c in enumerate(f.list_of("constraints"))
     )
     _unique([o.name for o in objectives] + [c.name for c in constraints], f.where, "objectives/constraints")
     baselines = _baselines(f.section("baselines"), search)
@@ -471,7 +479,10 @@ def _range(value: Any, name: str, where: str) -> Range:
     return Range(low, high)
 
 
-def _suites(f: _Fields, section: str, suite_dirs: list[Path] | None) -> list[Suite]:
+def _suites(f: _Fields, section: str, suite_dirs: list[Path] | None, base: Path) -> list[Suite]:
+    """The suites of an objective or constraint: names looked up in ``suite_dirs``; a path to a suite file
+    (``my-suite.yaml``, ``objectives/x.yaml``) resolved against ``base``, the spec file's folder, as the
+    graft spec's path is (not against the directory the command runs in)."""
     one = f.get("suite", str, None)
     many = f.get("suites", list, None)
     if (one is None) == (many is None):
@@ -484,8 +495,11 @@ def _suites(f: _Fields, section: str, suite_dirs: list[Path] | None) -> list[Sui
         field_name = key if key == "suite" else f"suites[{i}]"
         if not isinstance(n, str):
             raise f.fail(field_name, f"should be a suite name, got {type(n).__name__} {n!r}")
+        ref = n
+        if is_suite_path(n) and not Path(n).expanduser().is_absolute():
+            ref = str((base / n).resolve())
         try:
-            suites.append(load_suite(n, suite_dirs))
+            suites.append(load_suite(ref, suite_dirs))
         except UserError as e:
             msg = e.message
             if msg.startswith(f"unknown suite '{n}'"):
@@ -495,13 +509,14 @@ def _suites(f: _Fields, section: str, suite_dirs: list[Path] | None) -> list[Sui
     return suites
 
 
-def _scored(raw: Any, section: str, where: str, suite_dirs: list[Path] | None) -> tuple[_Fields, dict[str, Any]]:
+def _scored(raw: Any, section: str, where: str, suite_dirs: list[Path] | None,
+            base: Path) -> tuple[_Fields, dict[str, Any]]:
     """The fields objectives and constraints share."""
     f = _Fields(raw, where, section)
     name = f.get("name", str, required=True)
     if not _NAME.match(name):
         raise f.fail("name", f"{name!r} is not a valid name (letters, digits, _ . -)")
-    suites = _suites(f, section, suite_dirs)
+    suites = _suites(f, section, suite_dirs, base)
     kinds = {s.metric for s in suites}
     if len(kinds) > 1:
         raise f.fail("suites", f"the suites score different metrics ({', '.join(sorted(kinds))}); give one objective each")
@@ -533,8 +548,8 @@ def _scored(raw: Any, section: str, where: str, suite_dirs: list[Path] | None) -
     }
 
 
-def _objective(raw: Any, section: str, where: str, suite_dirs: list[Path] | None) -> Objective:
-    f, common = _scored(raw, section, where, suite_dirs)
+def _objective(raw: Any, section: str, where: str, suite_dirs: list[Path] | None, base: Path) -> Objective:
+    f, common = _scored(raw, section, where, suite_dirs, base)
     direction = f.get("direction", str, "maximize")
     if direction not in DIRECTIONS:
         raise f.fail("direction", f"unknown direction {direction!r} (known: {', '.join(DIRECTIONS)})")
@@ -542,8 +557,8 @@ def _objective(raw: Any, section: str, where: str, suite_dirs: list[Path] | None
     return Objective(direction=direction, **common)
 
 
-def _constraint(raw: Any, section: str, where: str, suite_dirs: list[Path] | None) -> Constraint:
-    f, common = _scored(raw, section, where, suite_dirs)
+def _constraint(raw: Any, section: str, where: str, suite_dirs: list[Path] | None, base: Path) -> Constraint:
+    f, common = _scored(raw, section, where, suite_dirs, base)
     hi = f.get("max", (int, float), None)
     lo = f.get("min", (int, float), None)
     if (hi is None) == (lo is None):

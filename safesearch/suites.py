@@ -149,9 +149,14 @@ def default_data_root() -> Path:
     return Path(os.environ.get("SAFESEARCH_DATA_ROOT", ".")).expanduser()
 
 
+def is_suite_path(name: str) -> bool:
+    """Whether a suite reference is a path to a suite file rather than a suite's name."""
+    return name.endswith((".yaml", ".yml")) or os.sep in name
+
+
 def find_suite(name: str, dirs: list[Path] | None = None) -> Path:
     """The YAML file of suite ``name`` (or ``name`` itself when it is a path to one)."""
-    if name.endswith((".yaml", ".yml")) or os.sep in name:
+    if is_suite_path(name):
         path = Path(name)
         if not path.is_file():
             raise UserError(f"suite file '{path}' does not exist")

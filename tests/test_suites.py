@@ -73,7 +73,7 @@ def _with(**changes: object) -> dict:
         ),
         (
             {"dataset__format": "parquet"},
-            r"s.yaml: dataset.format: unknown value 'parquet' \(known: jsonl, pubmedqa",
+            r"s.yaml: dataset.format: unknown value 'parquet' \(known: jsonl, text, pubmedqa",
         ),
         ({"metric": "bleu"}, r"s.yaml: metric: unknown value 'bleu'"),
         ({"attack": "jailbreak"}, r"attack: unknown value 'jailbreak'"),

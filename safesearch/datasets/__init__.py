@@ -14,6 +14,7 @@ from safesearch.datasets.generic import read_jsonl_items
 from safesearch.datasets.items import Item
 from safesearch.datasets.medical import read_medbullets, read_medmcqa, read_medqa, read_pubmedqa, read_vqa_rad
 from safesearch.datasets.multimodal import read_mmsafetybench, read_safebench
+from safesearch.datasets.plaintext import read_text_items
 from safesearch.datasets.safety import (
     read_catqa,
     read_harmbench,
@@ -26,6 +27,7 @@ from safesearch.errors import UserError
 # format name -> (reader, what the path points at)
 FORMATS: dict[str, tuple[Callable[..., list[Item]], str]] = {
     "jsonl": (read_jsonl_items, "a JSONL file in the generic (toy world) schema"),
+    "text": (read_text_items, "a text file of prompts, one a line (kind, category in the suite's options)"),
     "pubmedqa": (read_pubmedqa, "PubMedQA's ori_pqal.json"),
     "medqa": (read_medqa, "a MedQA-USMLE 4-option JSONL file"),
     "medmcqa": (read_medmcqa, "a MedMCQA JSONL file (train/dev)"),
