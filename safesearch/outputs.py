@@ -96,3 +96,18 @@ def check_output_dir(
             raise UserError(f"{what} {out}: --overwrite replaces only an earlier export (a directory with "
                             f"{PROVENANCE_FILE}) or an empty directory; this one holds other files")
     _probe(existing_ancestor(out, what), out, what)
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` by way of a temporary file beside it, renamed over it once complete: an
+    interrupted write leaves the old file (or none), never half of the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -250,10 +250,10 @@ def task_key(ref: SuiteRef) -> str:
 def prepare_tasks(
     refs: Sequence[SuiteRef], data_root: Path, *, device: str = "cpu", judges: bool = True
 ) -> dict[str, Task]:
-    """Read every suite's items once (deduplicated by suite, split and subset) and build its judge
-    (``judges=False``: the items alone, e.g. to compare splits)."""
+    """Read every suite's items once (deduplicated by suite, split and subset), then build their judges
+    (``judges=False``: the items alone, e.g. to compare splits, or to check the data before torch loads:
+    reading items needs no torch, a guard judge does)."""
     tasks: dict[str, Task] = {}
-    built: dict[Any, Judge] = {}
     for ref in refs:
         key = task_key(ref)
         if key in tasks:
@@ -265,13 +265,22 @@ def prepare_tasks(
             subset=replace(suite.subset, size=ref.subset),
         )
         items = load_items(suite, data_root, split=ref.split)
-        judge = None
-        if suite.uses_judge and judges:
-            if suite.judge not in built:
-                built[suite.judge] = build_judge(suite.judge, data_root=data_root, device=device)
-            judge = built[suite.judge]
-        tasks[key] = Task(key, suite, items, judge, image_cache_dir(data_root))
-    return tasks
+        tasks[key] = Task(key, suite, items, None, image_cache_dir(data_root))
+    return build_judges(tasks, data_root, device=device) if judges else tasks
+
+
+def build_judges(tasks: Mapping[str, Task], data_root: Path, *, device: str = "cpu") -> dict[str, Task]:
+    """``tasks`` with their suites' judges built, one per judge spec (a guard judge loads its classifier
+    model: built once, shared by every task that names it)."""
+    built: dict[Any, Judge] = {}
+    out: dict[str, Task] = {}
+    for key, t in tasks.items():
+        if t.judge is None and t.suite.uses_judge:
+            if t.suite.judge not in built:
+                built[t.suite.judge] = build_judge(t.suite.judge, data_root=data_root, device=device)
+            t = replace(t, judge=built[t.suite.judge])
+        out[key] = t
+    return out
 
 
 def exchange_rows(task: Task, result: SuiteResult) -> list[dict[str, Any]]:

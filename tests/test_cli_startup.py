@@ -73,3 +73,36 @@ def test_a_missing_study_database_is_refused_before_torch_loads(tmp_path: Path) 
         assert code == 2 and "does not exist" in err, (command, err)
         if command[0] == "pareto":  # validate and export load torch first: their work is a model's
             assert not modules & set(HEAVY), f"{command} loaded {sorted(modules & set(HEAVY))}"
+
+
+STUDY_COMMANDS = (["run"], ["worker"], ["study", "create"])
+
+
+def test_missing_data_or_a_bad_storage_is_refused_before_torch_loads(tmp_path: Path) -> None:
+    """What a study command can check without torch comes first, in this order: the storage URL's form
+    (an unknown database, a SQLite file under a file), the artifact store (run, worker), the suites' data
+    files. Here the data root is empty (the checkpoints are missing too: the data is read before their
+    headers), so a good storage URL gets the data's error and a bad one its own."""
+    from study_world import spec_dict, write_spec
+
+    world = tmp_path / "world"
+    world.mkdir()
+    spec = write_spec(tmp_path / "study.yaml", spec_dict(tmp_path, world))
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    db_dir = tmp_path / "db"
+    cases = [
+        (f"sqlite:///{db_dir / 's.db'}", [], "harmful_general.jsonl"),  # the data is missing
+        ("nosuch://x", [], "nosuch://x"),
+        (f"sqlite:///{a_file}/s.db", [], "f.txt"),
+        (f"sqlite:///{db_dir / 's.db'}", ["--artifacts", str(a_file / "a")], "--artifacts"),
+    ]
+    for command in STUDY_COMMANDS:
+        for url, extra, named in cases:
+            if extra and command[0] == "study":
+                continue  # study create keeps no artifacts
+            code, modules, err = _probe(*command, str(spec), "--storage", url, *extra, cwd=tmp_path)
+            assert code == 2 and named in err and err.count("\n") == 1, (command, url, err)
+            assert "Traceback" not in err
+            assert not modules & set(HEAVY), f"{command} {url} loaded {sorted(modules & set(HEAVY))} before refusing"
+    assert not db_dir.exists(), "a refused command created the storage's folder"

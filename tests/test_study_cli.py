@@ -244,3 +244,45 @@ def test_the_demo_reads_the_projects_own_study_not_a_stray_one(tmp_path: Path,
     assert spec.name == "toy" and TOY_STUDY.parent.parent != tmp_path
     assert all(r.suite.source.parent == TOY_STUDY.parent.parent / "objectives"
                for o in spec.objectives for r in o.suites)
+
+
+def test_artifacts_map_trials_to_their_responses(done: dict[str, Any], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """``safesearch artifacts`` on the study ``run`` made: every trial's responses file listed under its
+    trial; one trial's responses printed for a person (each item's suite, id, verdict, prompt, response),
+    written as stored (``--out``) and printed as stored (``--jsonl``); the store's UUID file is the same."""
+    url = done["url"]
+    code, out, err = run(["artifacts", "t", "--storage", url], capsys)
+    assert code == 0, err
+    listed = [row for row in (line.split() for line in out.splitlines()) if len(row) == 4 and row[0].isdigit()]
+    assert [(row[0], row[1], row[2]) for row in listed] == [
+        (str(n), "COMPLETE", f"responses-{n}.jsonl") for n in range(4)]
+    artifact_id = listed[2][3]
+    stored = (done["tmp"] / "st" / "artifacts" / artifact_id).read_bytes()
+
+    code, out, err = run(["artifacts", "t", "--storage", url, "--trial", "2"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in stored.decode().splitlines()]
+    assert out.splitlines()[0] == f"trial 2 (COMPLETE): {len(rows)} responses (responses-2.jsonl)"
+    first = rows[0]
+    assert f"[{first['suite']}] {first['id']}" in out and f"  prompt: {first['prompt']}" in out
+    judged = next(r for r in rows if r.get("verdict"))
+    assert f"[{judged['suite']}] {judged['id']}: {judged['verdict']}" in out
+    assert f"  response: {judged['response']}" in out
+
+    saved = tmp_path / "r" / "responses.jsonl"
+    code, _, err = run(["artifacts", "t", "--storage", url, "--trial", "2", "--out", str(saved)], capsys)
+    assert code == 0 and saved.read_bytes() == stored, err
+    code, _, err = run(["artifacts", "t", "--storage", url, "--trial", "2", "--out", str(saved)], capsys)
+    assert code == 2 and err.strip() == f"error: --out {saved}: exists (give --overwrite to replace it)"
+    code, out, err = run(["artifacts", "t", "--storage", url, "--trial", "2", "--jsonl"], capsys)
+    assert code == 0 and out.encode() == stored, err
+
+    for args, message in (
+        (["--trial", "9"], "error: study 't': no trial 9 (trials 0-3)"),
+        (["--jsonl"], "error: --out and --jsonl need --trial N (the trial whose responses to write)"),
+        (["--trial", "2", "--artifacts", str(tmp_path / "elsewhere")],
+         "error: trial 2: its responses-2.jsonl (artifact "),
+    ):
+        code, out, err = run(["artifacts", "t", "--storage", url, *args], capsys)
+        assert code == 2 and err.startswith(message) and err.count("\n") == 1, (args, err)

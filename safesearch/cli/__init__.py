@@ -34,7 +34,18 @@ def _register() -> None:
     global _registered
     if _registered:
         return
-    from safesearch.cli import dashboard, demo, eval, graft, launch, storage, study, suites, toyworld
+    from safesearch.cli import (
+        artifacts,
+        dashboard,
+        demo,
+        eval,
+        graft,
+        launch,
+        storage,
+        study,
+        suites,
+        toyworld,
+    )
 
     cli.add_command(toyworld.toyworld)
     cli.add_command(demo.demo)
@@ -49,6 +60,7 @@ def _register() -> None:
     cli.add_command(study.pareto)
     cli.add_command(study.validate)
     cli.add_command(study.export)
+    cli.add_command(artifacts.artifacts)
     cli.add_command(launch.launch)
     cli.add_command(storage.storage_group)
     _registered = True

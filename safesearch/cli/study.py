@@ -74,35 +74,71 @@ def _fmt(x: Any) -> str:
 # -- the study -------------------------------------------------------------------------------------------
 
 
-def _plan(spec: StudySpec) -> tuple[Any, dict[str, Any]]:
-    """What can be checked before anything is loaded or stored: every suite's items are read (a missing
-    data file), the checkpoints' headers (a missing or corrupt checkpoint), the search space and its
-    ranges, the anchor's config (a backend that cannot run it, images it cannot take). Returns the search
-    space and the record of the search items read (``items_record``), which the study keeps at creation
-    and compares when joining."""
-    from safesearch.evaluate import attack_notes
-    from safesearch.search import check_anchor, items_record, prepare_tasks, search_refs, search_space
+def _check_storage_url(storage_url: str | None) -> None:
+    """The storage URL's form, without torch and without asking a server (that is
+    :func:`_check_before_loading`'s): a database and driver this project supports, a ``grpc://HOST:PORT``,
+    and for SQLite, a file that is a database or can be made (its folder exists or can be made, and is
+    writable). Creates nothing."""
+    from safesearch.proxy import is_proxy_url, proxy_address
+    from safesearch.storage import _parse, is_sqlite, probe_storage, resolve_url
 
-    interrupts.import_native()  # the spec was read without torch; from here on the work needs it
-    _quiet_transformers()
-    tasks = prepare_tasks(search_refs(spec), spec.data_root)
+    url = resolve_url(storage_url)
+    if is_proxy_url(url):
+        proxy_address(url)
+    elif is_sqlite(url):
+        probe_storage(url)  # a local file: read, never written
+    else:
+        _parse(url)
+
+
+def _check_inputs(spec: StudySpec, storage_url: str | None, *, serves: bool = True, artifacts: Path | None = None,
+                  device: str | None = None) -> dict[str, Any]:
+    """What is checked before torch loads, in this order: the storage URL's form
+    (:func:`_check_storage_url`); for a command that serves trials (``serves``), the artifact store and
+    ``--device``'s name; every suite's items, read (a missing data file: reading items needs no torch).
+    Returns the search split's tasks, their judges not built yet (see :func:`_plan`)."""
+    from safesearch.devices import check_device_name
+    from safesearch.evaluate import attack_notes
+    from safesearch.outputs import check_output_dir_writable
+    from safesearch.search import prepare_tasks, search_refs
+    from safesearch.storage import artifact_root
+
+    _check_storage_url(storage_url)
+    if serves:
+        check_output_dir_writable(artifact_root(storage_url, artifacts), "--artifacts")
+        check_device_name(device, "--device")
+    tasks = prepare_tasks(search_refs(spec), spec.data_root, judges=False)
     err = Console(stderr=True, soft_wrap=True)
     for note in dict.fromkeys(n for t in tasks.values() for n in attack_notes(t.suite, t.items)):
         err.print(f"note: {note}", markup=False)
+    return tasks
+
+
+def _plan(spec: StudySpec, tasks: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """What can be checked once torch is loaded, before any model is loaded or anything stored (after
+    :func:`_check_inputs`, which read ``tasks``): the checkpoints' headers (a missing or corrupt
+    checkpoint), the search space and its ranges, the anchor's config (a backend that cannot run it,
+    images it cannot take), then the suites' judges (a guard judge loads its model). Returns the search
+    space and the record of the search items read (``items_record``), which the study keeps at creation
+    and compares when joining."""
+    from safesearch.search import build_judges, check_anchor, items_record, search_space
+
+    interrupts.import_native()  # the input was checked without torch; from here on the work needs it
+    _quiet_transformers()
     space = search_space(spec)  # the checkpoints' headers first: they name a missing anchor best
     check_anchor(spec, tasks)
+    build_judges(tasks, spec.data_root)  # checked here, built again by the worker on its device
     return space, items_record(tasks)
 
 
 def _check_before_loading(spec: StudySpec, storage_url: str | None, device: str | None,
-                          artifacts: Path | None, searched: dict[str, Any]) -> Any:
-    """Before a worker loads its model: the devices, the storage (created nothing: a model that then
-    fails to load leaves no database behind) and the artifact store. Returns the existing study of that
-    name (checked to accept this spec) or None."""
+                          searched: dict[str, Any]) -> Any:
+    """Before a worker loads its model: the devices (CUDA present), the storage (its server asked; created
+    nothing: a model that then fails to load leaves no database behind; the artifact store was checked by
+    :func:`_check_inputs`). Returns the existing study of that name (checked to accept this spec) or None."""
     from safesearch.devices import check_device
-    from safesearch.outputs import check_output_dir_writable
     from safesearch.search import check_joinable, spec_where
-    from safesearch.storage import artifact_root, load_study, probe_storage
+    from safesearch.storage import load_study, probe_storage
 
     check_device(device, "--device")
     check_device(spec.device, f"{spec_where(spec)}: device")
@@ -115,7 +151,6 @@ def _check_before_loading(spec: StudySpec, storage_url: str | None, device: str 
             existing = None
         if existing is not None:
             check_joinable(existing, spec, searched)
-    check_output_dir_writable(artifact_root(storage_url, artifacts), "--artifacts")
     return existing
 
 
@@ -163,7 +198,7 @@ def create(spec_path: Path, storage_url: str | None) -> None:
     """Create the study of SPEC (or join it if it exists with the same spec), baselines enqueued."""
     console = Console(stderr=True)
     spec = load_study_spec(spec_path)
-    space, searched = _plan(spec)
+    space, searched = _plan(spec, _check_inputs(spec, storage_url, serves=False))
     storage, study, created = _open_study(spec, space, searched, storage_url)
     _describe(spec, space, created, storage, console)
 
@@ -270,8 +305,8 @@ def worker(spec_path: Path, storage_url: str | None, n_trials: int | None, devic
     spec = _with_backend(load_study_spec(spec_path), backend)
     chosen = choose_threads(threads, workers_per_machine)
     _check_heartbeat_options(storage_url, heartbeat_s, grace_s)
-    space, searched = _plan(spec)
-    _check_before_loading(spec, storage_url, device, artifacts, searched)
+    space, searched = _plan(spec, _check_inputs(spec, storage_url, artifacts=artifacts, device=device))
+    _check_before_loading(spec, storage_url, device, searched)
     w = _open_worker(spec, device, space, chosen, console)
     try:
         study, created = _serve(w, spec, space, searched, storage_url, artifacts, console, sampler_seed=seed,
@@ -354,8 +389,8 @@ def run_study(spec: StudySpec, storage_url: str | None, device: str | None, arti
               console: Console, threads: ThreadChoice | None = None) -> tuple[StudySpec, Any]:
     """Create (or join) the study and work on it until it has its trials; the front shown as it grows.
     ``threads``: torch's threads, set before the model loads (None: left as they are)."""
-    space, searched = _plan(spec)
-    existing = _check_before_loading(spec, storage_url, device, artifacts, searched)
+    space, searched = _plan(spec, _check_inputs(spec, storage_url, artifacts=artifacts, device=device))
+    existing = _check_before_loading(spec, storage_url, device, searched)
     if existing is not None and _complete_count(existing) >= spec.n_trials:
         console.print(f"study {spec.name} already has its {spec.n_trials} trials")
         _warn_unretried(existing, console)

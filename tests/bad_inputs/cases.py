@@ -606,7 +606,7 @@ def storage_case(commands: Sequence[str], name: str, url: Callable[[Any, Path], 
         add(cmd, name, make, **kw)
 
 
-READERS = ("pareto", "validate", "export", "dashboard")
+READERS = ("pareto", "validate", "export", "dashboard", "artifacts")
 storage_case(STUDY_COMMANDS + READERS, "--storage empty", "", "--storage")
 storage_case(STUDY_COMMANDS + READERS, "--storage an unsupported database", "mysql://u@localhost/db", "mysql")
 storage_case(("run", "pareto"), "--storage malformed", "postgresql+psycopg://u@host:notaport/db", "notaport")
@@ -630,6 +630,10 @@ add("study create", "study exists with another spec", lambda ws, d: (
     ["study", "create", ws.write_yaml(d / "study.yaml", edit(_study(ws), (("n_trials",), 9))), "--storage", ws.url], "'t'"))
 add("worker", "study exists with other directions", lambda ws, d: (
     ["worker", ws.write_yaml(d / "study.yaml", edit(_study(ws), (("name",), "plain"))), "--storage", ws.url], "plain"))
+add("artifacts", "--trial -1", lambda ws, d: (["artifacts", "t", "--storage", ws.url, "--trial", "-1"], "--trial"))
+add("artifacts", "--jsonl without --trial", lambda ws, d: (["artifacts", "t", "--storage", ws.url, "--jsonl"], "--trial"))
+add("artifacts", "--out a directory", lambda ws, d: (["artifacts", "t", "--storage", ws.url, "--trial", "0",
+                                                     "--out", str(d)], str(d)))
 add("worker", "--heartbeat 0", lambda ws, d: (["worker", ws.spec, "--storage", ws.url, "--heartbeat", "0"], "--heartbeat"))
 add("worker", "--n-trials 0", lambda ws, d: (["worker", ws.spec, "--storage", ws.url, "--n-trials", "0"], "--n-trials"))
 add("worker", "--backend unknown", lambda ws, d: (["worker", ws.spec, "--backend", "onnx"], "--backend"))
