@@ -65,7 +65,14 @@ from optuna.storages import BaseStorage, GrpcStorageProxy, RDBStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 
 from safesearch.errors import UserError
-from safesearch.reconnect import DEFAULT_MAX_OUTAGE_S, Backoff, OutageWatch, StorageFailure, StorageOutage
+from safesearch.reconnect import (
+    DEFAULT_MAX_OUTAGE_S,
+    Backoff,
+    OutageWatch,
+    StorageFailure,
+    StorageOutage,
+    grace_period_s,
+)
 from safesearch.redact import mask_url
 from safesearch.studyspec import DEFAULT_MAX_RETRIES
 
@@ -166,7 +173,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         self._retry = RetryTrial(max_retry)
         self._interval: int | None = None
         self.grace_period: int | None = None  # the proxy's (Config)
-        self.outages = OutageWatch(f"storage {mask_url(url)}", Backoff(max_outage_s), lost=_STOPPED)
+        self.outages = _outage_watch(url, max_outage_s)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)  # GrpcStorageProxy is experimental (4.2)
             super().__init__(host=_target_host(host), port=port)
@@ -194,7 +201,7 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
         max_outage_s = state.pop("_max_outage_s")
-        self.outages = OutageWatch(f"storage {mask_url(state['url'])}", Backoff(max_outage_s), lost=_STOPPED)
+        self.outages = _outage_watch(state["url"], max_outage_s)
         super().__setstate__(state)
 
     def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> ProxyStorage:
@@ -234,14 +241,16 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         """One heartbeat, not waited for (:class:`~safesearch.reconnect.Heartbeat` tries again on its own
         schedule); a proxy out of reach raises :class:`~safesearch.reconnect.StorageOutage`."""
         try:
-            self._calls["Record"]({"trial_id": trial_id})
+            self.outages.once(lambda: self._calls["Record"]({"trial_id": trial_id}), outage=_proxy_outage)
         except Exception as e:
             reason = _proxy_outage(e)
             if reason is None:
                 raise
-            self.outages.lost(reason)
-            raise StorageOutage(f"storage {mask_url(self.url)}: {_STOPPED} ({reason})") from None
-        self.outages.back()
+            raise self.out_of_reach(reason) from None
+
+    def out_of_reach(self, reason: str) -> StorageOutage:
+        """The error of a call tried once (a beat; ``reconnect.impatient``) that found the proxy away."""
+        return StorageOutage(f"storage {mask_url(self.url)}: {_STOPPED} ({reason})")
 
     def _ask_stale(self, study_id: int) -> list[int]:
         return [int(t) for t in self._calls["Stale"]({"study_id": study_id})["trial_ids"]]
@@ -251,14 +260,18 @@ class ProxyStorage(GrpcStorageProxy, BaseHeartbeat):
         settling after losing the proxy: the beats it could not send were lost too
         (:meth:`~safesearch.reconnect.OutageWatch.settling`)."""
         stale = self._ask_stale(study_id)
-        grace = self.grace_period or 2 * (self._interval or 0)
-        return [] if self.outages.settling(grace) else stale
+        grace = grace_period_s(self)
+        return [] if grace is not None and self.outages.settling(grace) else stale
 
     def get_heartbeat_interval(self) -> int | None:
         return self._interval if self._heartbeat_on else None
 
     def get_heartbeat_stale_trial_callback(self) -> Any:
         return self._retry if self._heartbeat_on and self._interval is not None else None
+
+
+def _outage_watch(url: str, max_outage_s: float) -> OutageWatch:
+    return OutageWatch(f"storage {mask_url(url)}", Backoff(max_outage_s), lost=_STOPPED)
 
 
 def _proxy_outage(e: BaseException) -> str | None:
@@ -285,7 +298,7 @@ def _through_the_proxy(name: str) -> Any:
         except grpc.RpcError as e:
             reason = _proxy_outage(e)
             if reason is not None:  # tried once (reconnect.impatient): out of reach all the same
-                raise StorageOutage(f"storage {mask_url(self.url)}: {_STOPPED} ({reason})") from None
+                raise self.out_of_reach(reason) from None
             if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
                 raise StorageFailure(f"storage {mask_url(self.url)}: the storage proxy failed this call "
                                    f"({_rpc_reason(e)})") from None
@@ -335,7 +348,7 @@ class HeartbeatService:
         self.storage = storage  # Optuna's cache around ``rdb``: what the trial calls go through too
         self.rdb = rdb
         self.interval = rdb.heartbeat_interval
-        self.grace = rdb.grace_period or 2 * rdb.heartbeat_interval
+        self.grace = grace_period_s(rdb)
         # (study id, trial id) -> when the proxy first saw the trial RUNNING without a beat.
         self._silent_since: dict[tuple[int, int], float] = {}
         self._lock = threading.Lock()

@@ -179,6 +179,19 @@ class OutageWatch:
                 self.report(f"{self.where}: reconnected after {self.back_at - self.down_since:.1f} s")
                 self.down_since = None
 
+    def once(self, fn: Callable[[], Any], *, outage: Callable[[BaseException], str | None]) -> Any:
+        """``fn()`` tried once, not waited for (a heartbeat: its thread tries again on its own schedule); a
+        failure for want of the storage is noted (the line when the outage begins) and raised as it came."""
+        try:
+            result = fn()
+        except Exception as e:
+            reason = outage(e)
+            if reason is not None:
+                self.lost(reason)
+            raise
+        self.back()
+        return result
+
     def dropped(self) -> None:
         """A connection was found dead and replaced without a failed call (the pool's pre-ping, at the
         first call after an outage that no call of this process met): beats may have been lost all the
@@ -232,6 +245,15 @@ class OutageWatch:
                 return result
         finally:
             self._depth.n = 0
+
+
+def grace_period_s(storage: Any) -> float | None:
+    """Seconds without a beat before a running trial counts as stale, by Optuna's rule: the storage's grace
+    period, else twice its heartbeat interval; None for a storage without a heartbeat."""
+    interval = storage.get_heartbeat_interval()
+    if interval is None:
+        return None
+    return getattr(storage, "grace_period", None) or 2 * interval
 
 
 def database_outage(e: BaseException) -> str | None:
@@ -322,18 +344,12 @@ class ReconnectingStorage(RDBStorage):
         settling after an outage (:meth:`OutageWatch.settling`): judged after the query, which may be the
         call that finds the outage."""
         stale = self.call_reconnecting(RDBStorage._get_stale_trial_ids, self, study_id)
-        assert self.heartbeat_interval is not None  # Optuna asks only a storage with a heartbeat
-        return [] if self.outages.settling(self.grace_period or 2 * self.heartbeat_interval) else stale
+        grace = grace_period_s(self)
+        return [] if grace is not None and self.outages.settling(grace) else stale
 
     def beat_once(self, trial_id: int) -> None:
         """One heartbeat, not waited for: the heartbeat thread tries again on its own schedule."""
-        try:
-            RDBStorage.record_heartbeat(self, trial_id)
-        except Exception as e:
-            if is_outage(e):
-                self.outages.lost(driver_message(e))
-            raise
-        self.outages.back()
+        self.outages.once(lambda: RDBStorage.record_heartbeat(self, trial_id), outage=database_outage)
 
 
 def _has_state(trial: Any, state: TrialState, values: Sequence[float] | None) -> bool:

@@ -70,6 +70,7 @@ from safesearch.reconnect import (
     StorageFailure,
     StorageOutage,
     driver_message,
+    grace_period_s,
     impatient,
 )
 from safesearch.redact import mask_url
@@ -597,11 +598,8 @@ def fail_stale(study: optuna.Study) -> None:
 
 def grace_period_of(study: optuna.Study) -> float | None:
     """Seconds without a beat before a running trial is failed as stale (None without heartbeat)."""
-    interval = heartbeat_interval_of(study)
-    if interval is None:
-        return None
-    storage = getattr(study._storage, "_backend", study._storage)
-    return getattr(storage, "grace_period", None) or 2 * interval
+    # Past Optuna's cache layer, which has the interval but not the grace period.
+    return grace_period_s(getattr(study._storage, "_backend", study._storage))
 
 
 # (id of the RDBStorage, trial id) -> when this process first saw the trial RUNNING without a beat.
@@ -639,7 +637,7 @@ def _fail_silent(study: optuna.Study) -> None:
     rdb = rdb_of(study)
     if rdb is None or rdb.heartbeat_interval is None:
         return
-    grace = rdb.grace_period or 2 * rdb.heartbeat_interval
+    grace = grace_period_s(rdb)
     silent = never_beaten(rdb, study._study_id)
     if isinstance(rdb, ReconnectingStorage) and rdb.outages.settling(grace):
         return
