@@ -186,11 +186,17 @@ def test_hopeless_trials_are_pruned_with_their_slice_kept(worker, tmp_path: Path
 
 
 def test_a_trial_the_front_dominates_is_stopped(worker, tmp_path: Path) -> None:
-    """With a feasible front trial that no slice can catch up with, the next searched trial is stopped as
-    dominated; the rule reads the study's current front."""
+    """With a feasible front trial that dominates everything short of a perfect slice, a searched trial
+    is stopped as dominated unless its own slice could still tie it; the rule reads the study's current
+    front. (The toy world is trained on the machine that runs the test, so what a searched point scores
+    differs from machine to machine: CI once met a point whose slice scored 6 of 6 on both objectives,
+    which a perfect front trial does not dominate. So each trial that ran on is checked against its slice
+    scored again, and at least one of four must be stopped.)"""
+    from safesearch.earlystop import dominated_by, optimistic
+
     d = worker.spec.to_dict()
     # No constraint: only the dominance rule can stop a trial here.
-    d.update(name="dom", n_trials=3, baselines={"zero": True}, constraints=[],
+    d.update(name="dom", n_trials=7, baselines={"zero": True}, constraints=[],
              early_stop={"fraction": 0.5, "confidence": 0.6})
     spec = study_spec_from_dict(d)
     real = worker.spec
@@ -199,14 +205,26 @@ def test_a_trial_the_front_dominates_is_stopped(worker, tmp_path: Path) -> None:
         study, _ = ensure_study(spec, RDBStorage(f"sqlite:///{tmp_path / 'dom.db'}"), worker.space)
         # A feasible point that dominates everything: what a front trial from another worker could be.
         study.add_trial(_perfect(worker))
-        worker.work(study, spec.n_trials, max_trials=3)
+        worker.work(study, spec.n_trials, max_trials=5)
+        trials = study.get_trials()
+        assert trials[0].user_attrs[BASELINE_ATTR] == "zero" and trials[0].state == TrialState.COMPLETE
+        searched = trials[2:]
+        assert len(searched) == 4
+        for t in searched:
+            if t.state == TrialState.PRUNED:
+                reason = t.user_attrs["early_stop"]["reason"]
+                assert reason.startswith("dominated by trial 1"), reason
+                continue
+            assert t.state == TrialState.COMPLETE
+            # It ran on: its first slice, scored again, must reach the perfect point on every objective.
+            worker.grafted.apply(t.user_attrs["coefficients"])
+            partial = run_tasks(worker.grafted.backend, worker._stages(0.5)[0])
+            measured = {o.name: Measured(*pooled_n(o, partial)) for o in spec.objectives}
+            best = optimistic(spec.objectives, measured, 0.6)
+            assert dominated_by(best, [(1, {"safety": 1.0, "medical": 1.0})], DIRS) is None, (t.number, best)
+        assert any(t.state == TrialState.PRUNED for t in searched), [t.state for t in searched]
     finally:
         worker.spec = real
-    trials = study.get_trials()
-    assert trials[0].user_attrs[BASELINE_ATTR] == "zero" and trials[0].state == TrialState.COMPLETE
-    assert [t.state for t in trials[2:]] == [TrialState.PRUNED, TrialState.PRUNED]
-    reasons = [t.user_attrs["early_stop"]["reason"] for t in trials[2:]]
-    assert all(r.startswith("dominated by trial 1") for r in reasons), reasons
 
 
 def _perfect(worker: Any) -> Any:
