@@ -175,10 +175,12 @@ def with_study_holdout(note: str, section: Sequence[str]) -> str:
 
 
 def save_trial_note(study: optuna.Study, trial_id: int, body: str) -> None:
-    """``body`` as the note of the trial ``trial_id`` (running or finished: notes are study attrs)."""
-    from optuna_dashboard import save_note
+    """``body`` as the note of the trial ``trial_id`` (running or finished: notes are study attrs), as
+    optuna-dashboard's ``save_note`` saves it, in one transaction that reads only this note's keys
+    (:func:`safesearch.batch.save_note`; the dashboard's reads every system attr of the study, twice)."""
+    from safesearch.batch import save_note
 
-    save_note(optuna.Trial(study, trial_id), body)
+    save_note(study, trial_id, body)
 
 
 def trial_note_of(study: optuna.Study, trial_id: int) -> str:
@@ -188,9 +190,9 @@ def trial_note_of(study: optuna.Study, trial_id: int) -> str:
 
 
 def save_study_note(study: optuna.Study, body: str) -> None:
-    from optuna_dashboard import save_note
+    from safesearch.batch import save_note
 
-    save_note(study, body)
+    save_note(study, None, body)
 
 
 def study_note_of(study: optuna.Study) -> str:

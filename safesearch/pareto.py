@@ -64,14 +64,16 @@ class TrialRecord:
         }
 
 
-def records(study: optuna.Study, states: Sequence[TrialState] | None = None) -> list[TrialRecord]:
-    """The study's trials (COMPLETE by default) as records, with their holdout scores where validated."""
+def records(study: optuna.Study, states: Sequence[TrialState] | None = None, *,
+            holdout: bool = True) -> list[TrialRecord]:
+    """The study's trials (COMPLETE by default) as records, with their holdout scores where validated
+    (``holdout=False``: without, and without reading the study's attrs, where they live)."""
     from optuna.trial import TrialState
 
     from safesearch.dashboard import named_constraints
     from safesearch.search import BASELINE_ATTR, HOLDOUT_TRIAL
 
-    attrs = study.user_attrs
+    attrs = study.user_attrs if holdout else {}
     out = []
     for t in study.get_trials(deepcopy=False, states=tuple(states or (TrialState.COMPLETE,))):
         u = t.user_attrs

@@ -54,10 +54,10 @@ from optuna.trial import TrialState
 
 from safesearch import interrupts
 from safesearch.backends.base import Backend
+from safesearch.batch import batched, tell
 from safesearch.dashboard import (
     record_constraint_list,
     samples_section,
-    save_trial_note,
     scores_section,
     trial_note,
 )
@@ -642,7 +642,8 @@ def current_front(study: optuna.Study, spec: StudySpec) -> list[tuple[int, dict[
     from safesearch.pareto import front, records
 
     directions = {o.name: o.direction for o in spec.objectives}
-    feasible = [r for r in records(study) if r.feasible and r.scores]
+    # Holdout scores play no part: the study's attrs (its spec, every validated score) are not read.
+    feasible = [r for r in records(study, holdout=False) if r.feasible and r.scores]
     return [(r.number, r.scores) for r in front(feasible, directions)]
 
 
@@ -689,9 +690,11 @@ class Worker:
         t0 = time.perf_counter()
         seconds = {"ask": ask_s}
         try:
-            coefs = self.space.suggest(trial)
-            # Who runs it, known while it runs (the dashboard; which trial a dead worker held).
-            trial.set_user_attr("worker", self.name)
+            # The parameters and the worker's name in one transaction (see safesearch.batch).
+            with batched(study, trial):
+                coefs = self.space.suggest(trial)
+                # Who runs it, known while it runs (the dashboard; which trial a dead worker held).
+                trial.set_user_attr("worker", self.name)
             t1 = time.perf_counter()
             self.grafted.apply(coefs)
             t2 = time.perf_counter()
@@ -704,35 +707,37 @@ class Worker:
             bad = [n for n, v in scored["scores"].items() if math.isnan(v)]
             if bad:
                 raise RuntimeError(f"objective {bad[0]!r}: no item was judged")
-            for name, violation in scored["constraints"].items():
-                if not math.isnan(violation):
-                    trial.set_constraint(name, violation)
-            violations = list(scored["constraints"].values())
-            if violations and not any(math.isnan(v) for v in violations):
-                record_constraint_list(trial, violations)  # where optuna-dashboard reads them
-            attrs = {
-                "scores": scored["scores"],
-                "constraint_scores": scored["constraint_scores"],
-                "suites": scored["suites"],
-                "coefficients": coefs,
-                "seconds": {"merge": round(t2 - t1, 4), "eval": round(t3 - t2, 4)},
-            }
-            for k, v in attrs.items():
-                trial.set_user_attr(k, v)
-            rows = [row for key, t in self.tasks.items() for row in exchange_rows(t, results[key])]
-            save_trial_note(study, trial._trial_id, trial_note(
-                trial.number, trial.user_attrs.get(BASELINE_ATTR),
-                scores_section("### Search split", scored["scores"], scored["constraint_scores"],
-                               constraint_bounds(self.spec), scored["suites"], feasible(scored)),
-                coefs, samples_section(rows)))
-            if self.artifact_store is not None:
-                self._upload_responses(trial, rows)
+            # What the trial records, in one transaction (see safesearch.batch).
+            with batched(study, trial) as batch:
+                for name, violation in scored["constraints"].items():
+                    if not math.isnan(violation):
+                        batch.set_constraint(name, violation)
+                violations = list(scored["constraints"].values())
+                if violations and not any(math.isnan(v) for v in violations):
+                    record_constraint_list(trial, violations)  # where optuna-dashboard reads them
+                attrs = {
+                    "scores": scored["scores"],
+                    "constraint_scores": scored["constraint_scores"],
+                    "suites": scored["suites"],
+                    "coefficients": coefs,
+                    "seconds": {"merge": round(t2 - t1, 4), "eval": round(t3 - t2, 4)},
+                }
+                for k, v in attrs.items():
+                    trial.set_user_attr(k, v)
+                rows = [row for key, t in self.tasks.items() for row in exchange_rows(t, results[key])]
+                batch.save_note(trial_note(
+                    trial.number, trial.user_attrs.get(BASELINE_ATTR),
+                    scores_section("### Search split", scored["scores"], scored["constraint_scores"],
+                                   constraint_bounds(self.spec), scored["suites"], feasible(scored)),
+                    coefs, samples_section(rows)))
+                if self.artifact_store is not None:
+                    self._upload_responses(trial, rows)
             t4 = time.perf_counter()
             values = objective_values(self.spec, scored["scores"])
             with warnings.catch_warnings():
                 # The paper's CMA-ES baseline ignores constraints; they are stored and the front reads them.
                 warnings.filterwarnings("ignore", message="Constraints have been set, but CmaEsSampler")
-                study.tell(trial, values)
+                tell(study, trial, values)
             t5 = time.perf_counter()
         except optuna.exceptions.UpdateFinishedTrialError:
             raise  # another worker failed it as stale and queued its retry
@@ -786,25 +791,26 @@ class Worker:
         samplers learn where the infeasible region lies. A PRUNED trial is not among the n_trials
         COMPLETE ones, nor on the front."""
         scored = score_all(self.spec, stopped.partial)
-        for name, violation in scored["constraints"].items():
-            if not math.isnan(violation):
-                trial.set_constraint(name, violation)
-        trial.set_user_attr("early_stop", {
-            "reason": stopped.reason,
-            "scores": scored["scores"],
-            "constraint_scores": scored["constraint_scores"],
-            "suites": scored["suites"],
-        })
-        trial.set_user_attr("coefficients", coefs)
-        trial.set_user_attr("seconds", {"merge": round(seconds["merge"], 4), "eval": round(seconds["eval"], 4)})
-        save_trial_note(study, trial._trial_id, trial_note(
-            trial.number, None,
-            [f"**Stopped early** (PRUNED): {stopped.reason}.", "",
-             *scores_section("### First slice of the search split", scored["scores"], scored["constraint_scores"],
-                             constraint_bounds(self.spec), scored["suites"], None)],
-            coefs, []))
+        with batched(study, trial) as batch:  # one transaction (see safesearch.batch)
+            for name, violation in scored["constraints"].items():
+                if not math.isnan(violation):
+                    batch.set_constraint(name, violation)
+            trial.set_user_attr("early_stop", {
+                "reason": stopped.reason,
+                "scores": scored["scores"],
+                "constraint_scores": scored["constraint_scores"],
+                "suites": scored["suites"],
+            })
+            trial.set_user_attr("coefficients", coefs)
+            trial.set_user_attr("seconds", {"merge": round(seconds["merge"], 4), "eval": round(seconds["eval"], 4)})
+            batch.save_note(trial_note(
+                trial.number, None,
+                [f"**Stopped early** (PRUNED): {stopped.reason}.", "",
+                 *scores_section("### First slice of the search split", scored["scores"],
+                                 scored["constraint_scores"], constraint_bounds(self.spec), scored["suites"], None)],
+                coefs, []))
         t4 = time.perf_counter()
-        study.tell(trial, state=TrialState.PRUNED)
+        tell(study, trial, state=TrialState.PRUNED)
         t5 = time.perf_counter()
         seconds.update(record=t4 - t0 - sum(seconds[k] for k in ("suggest", "merge", "eval")), tell=t5 - t4,
                        total=seconds["ask"] + t5 - t0)

@@ -735,6 +735,7 @@ def next_trial(
             fail_stale(study)
             _stale_checked[key] = time.monotonic()
         counts = count_states(study)
+        seen = sum(counts.values())
         if counts[TrialState.COMPLETE] >= n_trials:
             return None
         claimed = sum(counts[s] for s in _CLAIMED)
@@ -751,9 +752,19 @@ def next_trial(
                 # Optuna warns that heartbeats are meant for study.optimize; heartbeat() covers ask/tell.
                 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                 trial = study.ask()
-            if interval is not None:
-                # Beat at once: Optuna only ever fails a trial that has beaten (see fail_stale).
+            if interval is not None and rdb_of(study) is None:
+                # Beat at once: Optuna only ever fails a trial that has beaten. On a database storage
+                # this process's fail_stale also fails a trial that never beat (never_beaten), and the
+                # trial's heartbeat thread beats as it starts, so the beat is left to it: a round trip
+                # less per trial. Through a storage proxy only beaten trials can be found stale.
                 study._storage.record_heartbeat(trial._trial_id)
+            # Trials numbered before this one that hold the budget: at most those counted above plus
+            # every trial other workers created since (numbers are dealt out in order, so there are
+            # trial.number - seen of them); no other trial can join the claimed states (a finished trial
+            # never runs again, and a retry is a new trial). Only when that bound leaves no room is the
+            # study read again for the true number: a read less per trial while the budget is far.
+            if claimed + max(0, trial.number - seen) < n_trials:
+                return trial
             ahead = sum(1 for t in study.get_trials(deepcopy=False, states=_CLAIMED) if t.number < trial.number)
             if ahead < n_trials:
                 return trial

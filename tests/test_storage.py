@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -257,6 +258,26 @@ def test_next_trial_marks_surplus(tmp_path: Path) -> None:
     for t in held:
         study.tell(t, [0.0])
     assert count_states(study)[TrialState.COMPLETE] == 2
+
+
+def test_a_trial_created_between_the_count_and_the_ask_is_counted(tmp_path: Path) -> None:
+    """next_trial reads the study again only when the trials created since its count could fill the
+    budget: here another worker asks between the two, and the trial it gets is refused as surplus."""
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=None)
+    study = open_study(storage, "race", ["maximize"])
+    held = [study.ask()]  # another worker's running trial: 1 of the budget of 2
+    ask = study.ask
+
+    def racing_ask(*args: Any, **kwargs: Any) -> Any:
+        study.ask = ask  # type: ignore[method-assign]
+        held.append(ask())  # a third worker got there first
+        return ask(*args, **kwargs)
+
+    study.ask = racing_ask  # type: ignore[method-assign]
+    assert next_trial(study, 2) is None
+    (refused,) = study.get_trials(states=(TrialState.FAIL,))
+    assert refused.system_attrs[SURPLUS_ATTR] is True and refused.number == 2
+    assert [t.number for t in held] == [0, 1]
 
 
 def test_trial_that_never_beat_is_failed_and_retried(postgres_url: str) -> None:
