@@ -15,17 +15,21 @@ a model built on the meta device (no memory), so that every other module works i
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import re
 import struct
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
+from safesearch.digests import sha256_file, top_files
 from safesearch.errors import UserError
 
 SINGLE_FILE = "model.safetensors"
@@ -60,6 +64,11 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int  # where its bytes start in the file
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
     @property
     def numel(self) -> int:
@@ -115,7 +124,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             start, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise UserError(f"{path}: corrupt safetensors file (bad header entry for tensor {key!r})") from None
-        info = TensorInfo(key, path, shape, dtype)
+        info = TensorInfo(key, path, shape, dtype, 8 + n + start)
         if not 0 <= start <= end <= data_size or end - start != info.numel * dtype.itemsize:
             raise UserError(
                 f"{path}: corrupt safetensors file (tensor {key!r} at bytes {start}-{end} does not fit "
@@ -123,19 +132,6 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             )
         out[key] = info
     return out
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def top_files(folder: Path) -> list[Path]:
-    """Every regular, not hidden, file at the top of ``folder``, sorted: a checkpoint's files."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 class Checkpoint:
@@ -152,7 +148,8 @@ class Checkpoint:
             what = "is not a directory" if self.path.exists() else "does not exist"
             raise UserError(f"checkpoint {self.label}: {what}")
         self.tensors: dict[str, TensorInfo] = self._read_headers()
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, BinaryIO] = {}
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.tensors)} tensors)"
@@ -244,23 +241,64 @@ class Checkpoint:
         return list(self.tensors)
 
     def load(self, key: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor by disk key, read from its file (memory-mapped), optionally cast and moved."""
-        from safetensors import SafetensorError, safe_open
+        """One tensor by disk key, read from its file, optionally cast and moved.
 
+        Read with ``preadv`` into a tensor of its own, not memory-mapped: the file's pages stay in the page
+        cache instead of counting in the process's memory, and threads may read at once.
+        """
         info = self.tensors[key]
         try:
-            handle = self._handles.get(info.file)
-            if handle is None:
-                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-            t = handle.get_tensor(key)  # type: ignore[attr-defined]
-        except (SafetensorError, OSError) as e:
+            t = self._read(info)
+        except OSError as e:
             raise UserError(f"{info.file}: cannot read tensor {key!r}: {e}") from None
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
         return t.to(device) if torch.device(device) != t.device else t
 
+    def load_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of a tensor (in its flat, row-major order), as a 1-D tensor of its dtype."""
+        info = self.tensors[key]
+        if not 0 <= start <= stop <= info.numel:
+            raise IndexError(f"{key}: elements {start}:{stop} of {info.numel}")
+        try:
+            return self._read(info, start, stop)
+        except OSError as e:
+            raise UserError(f"{info.file}: cannot read tensor {key!r}: {e}") from None
+
+    def _read(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        if sys.byteorder != "little":  # the bytes are little-endian: let safetensors swap them on such a host
+            from safetensors import safe_open
+
+            with safe_open(str(info.file), framework="pt") as f:
+                t = f.get_tensor(info.key)
+            return t if stop is None else t.reshape(-1)[start:stop].clone()
+        size = info.dtype.itemsize
+        nbytes = info.nbytes if stop is None else (stop - start) * size
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(raw.numpy())
+            fd = self._fd(info.file)
+            at = info.offset + start * size
+            done = 0
+            while done < nbytes:  # preadv may return less than asked (at most 2 GiB a call on Linux)
+                n = os.preadv(fd, [view[done:]], at + done)
+                if n <= 0:
+                    raise OSError(f"the file ends {nbytes - done} bytes early (truncated since it was opened?)")
+                done += n
+        return raw.view(info.dtype) if stop is not None else raw.view(info.dtype).view(info.shape)
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:  # the export reads from a read-ahead thread
+            handle = self._handles.get(file)
+            if handle is None:
+                handle = self._handles[file] = file.open("rb", buffering=0)
+            return handle.fileno()
+
     def close(self) -> None:
-        self._handles.clear()
+        with self._lock:
+            for handle in self._handles.values():
+                handle.close()
+            self._handles.clear()
 
     # -- model names -----------------------------------------------------------------------------------
 

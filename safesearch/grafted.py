@@ -14,7 +14,7 @@ import torch
 
 from safesearch.backends.base import Backend
 from safesearch.graftspec import GraftSpec
-from safesearch.merging import Coefficients, Merger
+from safesearch.merging import DEFAULT_KERNEL, Coefficients, Merger
 from safesearch.studyspec import BACKENDS
 
 
@@ -43,7 +43,7 @@ class GraftedModel(Protocol):
 class TransformersGrafted:
     """The anchor as a transformers model, merged in place by :meth:`Merger.apply`."""
 
-    def __init__(self, spec: GraftSpec, device: str | None = None, batch_size: int = 64, kernel: str = "eager") -> None:
+    def __init__(self, spec: GraftSpec, device: str | None = None, batch_size: int = 64, kernel: str = DEFAULT_KERNEL) -> None:
         from safesearch.backends.transformers import TransformersBackend
 
         self._merger = Merger.from_spec(spec, device=device, kernel=kernel)

@@ -10,12 +10,29 @@ Two layers, so that any backend can run the same merge where its weights live:
   (:meth:`Merger.apply`), or a vLLM worker's. :meth:`Merger.iter_merged` yields ``(name, tensor)`` pairs for
   loaders that take an iterator of weights (vLLM's ``load_weights``).
 
-The arithmetic runs as one of two kernels. ``eager`` (the default) is the chunked loop above, plain torch
-ops, nothing to compile. ``compiled`` fuses the whole sum into one loop with ``torch.compile`` (a C++ kernel
-on CPU, Triton on CUDA; compiled once per number of terms, seconds): one read of each operand and one write,
-where the eager loop spends more compute per element than a small CPU has bandwidth to hide (see
-``benchmarks/merge.py``). Both accumulate in fp32; they may differ in the last bit (fused multiply-adds),
-so a study uses one kernel throughout.
+The bits. Both kernels compute, per element, ``acc = fp32(anchor)``, then for each live term in the
+vectors' order ``acc = fma(fp32(c_i), fp32(tau_i), acc)`` (one fp32 rounding per term), then ``out = acc``
+rounded to ``out``'s dtype (to nearest even). Eager gets the fused multiply-add from torch's
+``add_(tau, alpha=c)`` (its vectorized CPU loop on AVX2 and AVX-512, and its CUDA kernel; checked against a
+float64 emulation by ``tests/test_merge_kernel.py``); the compiled kernel asks for one (``prims.fma``:
+inductor would round ``c * tau`` first, as the compiled kernel did before issue 18, one last bit off in
+places). So a merge's bits depend only on the inputs, never on the kernel, the chunk size or the thread
+count, and a study whose workers run different kernels (one without a C++ compiler) still scores the very
+weights an export writes. A machine where the two could disagree (a CPU without FMA) is caught by the probe
+below: there ``auto`` merges with eager.
+
+The kernels. ``eager`` is the chunked loop of :func:`merge_into`: plain torch ops, nothing to compile, but
+about six elementwise passes per chunk, each a parallel region: 3-5x the copy bound on this project's 2-core
+CPU, and far worse when other processes hold the cores (each region waits for both threads). ``compiled``
+fuses the sum into one loop with ``torch.compile`` (a C++ kernel on CPU, Triton on CUDA; compiled once per
+number of terms and dtype, 5-20 s, cached on disk by torch): one read of each operand and one write, one
+parallel region per tensor (``benchmarks/merge.py`` measures both against the copy bound). ``auto``, the default, is
+``compiled`` where it works and ``eager`` where it does not: before its first use, a compiled kernel is
+compiled and run on a probe (:data:`PROBE`), and it is used only if it gives the eager kernel's bits there;
+when compiling fails (no C++ compiler: ``CXX``, else ``g++``; no Triton) or the bits differ, ``auto`` merges
+with ``eager`` and says so in one line on stderr, once per process; ``compiled`` raises instead. Tensors
+of at most :data:`COMPILED_MIN` elements are merged by ``eager`` under every kernel (they fit in one
+scratch chunk, where eager is as fast), so a small model never waits for a compiler.
 
 Every merge starts from the resident anchor, so merging A, then B, then A again gives the very bits of a
 fresh merge of A. Parameters that no vector touches (frozen ones, or ones the vectors lack) are never
@@ -26,6 +43,8 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
+import types
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -45,17 +64,33 @@ Coefficients = dict[str, dict[str, float]]
 # Elementwise arithmetic: the chunk size never changes the result's bits.
 DEFAULT_CHUNK = {"cpu": 1 << 18, "cuda": 1 << 22}
 
+KERNELS = ("auto", "compiled", "eager")
+DEFAULT_KERNEL = "auto"
+# Tensors up to this many elements are merged by the eager kernel under every kernel: they fit in one CPU
+# scratch chunk, where the eager loop is as fast, and a model made only of them (the toy world, the tests'
+# models) never waits seconds for a compiler. Same bits either way.
+COMPILED_MIN = DEFAULT_CHUNK["cpu"]
+# Elements of the probe a compiled kernel must merge to the eager kernel's bits before it is used: past a
+# few vector widths and an odd tail, so both its vectorized loop and its scalar remainder are checked.
+PROBE = (1 << 16) + 3
+
+# Exact casts to fp32: a term in these dtypes is cast into a scratch of its own before the add (what add_
+# would do into a temporary it allocates per call), so the add sees two fp32 operands.
+_EXACT_IN_FP32 = (torch.bfloat16, torch.float16)
+
 
 def merge_into(
     out: torch.Tensor,
     anchor: torch.Tensor,
     terms: Sequence[tuple[float, torch.Tensor]],
     scratch: torch.Tensor,
+    cast: torch.Tensor | None = None,
 ) -> None:
     """``out <- anchor + sum c * tau`` over ``terms``, accumulated in fp32 in chunks of ``scratch``'s size.
 
-    All tensors contiguous, of ``out``'s shape; ``scratch`` is a flat fp32 buffer on their device. Zero
-    coefficients are skipped. The result depends only on the inputs and the chunk size.
+    All tensors contiguous, of ``out``'s shape, ``out`` overlapping no term; ``scratch`` (and ``cast``,
+    optional, as large: where bf16 or fp16 terms are cast to fp32) are flat fp32 buffers on their device.
+    Zero coefficients are skipped. The result depends only on the inputs (see the module docstring).
     """
     live = [(float(c), t.reshape(-1)) for c, t in terms if c != 0]
     if not live:
@@ -63,30 +98,118 @@ def merge_into(
         return
     o, a = out.view(-1), anchor.reshape(-1)
     n, step = o.numel(), scratch.numel()
+    direct = o.dtype == torch.float32  # out is an fp32 buffer already: accumulate there, no final copy
     for s in range(0, n, step):
         e = min(n, s + step)
-        buf = scratch[: e - s]
+        buf = o[s:e] if direct else scratch[: e - s]
         buf.copy_(a[s:e])
         for c, t in live:
-            buf.add_(t[s:e], alpha=c)
-        o[s:e].copy_(buf)
+            if cast is not None and t.dtype in _EXACT_IN_FP32:
+                buf.add_(cast[: e - s].copy_(t[s:e]), alpha=c)
+            else:
+                buf.add_(t[s:e], alpha=c)
+        if not direct:
+            o[s:e].copy_(buf)
+
+
+def _fused(out: torch.Tensor, anchor: torch.Tensor, coefs: torch.Tensor, *taus: torch.Tensor) -> None:
+    # prims.fma, not ``acc + c * tau``: inductor keeps a multiply and an add apart (two roundings), eager's
+    # add_(tau, alpha=c) fuses them (one rounding), and the kernels must agree to the bit.
+    acc = anchor.float()
+    for i, tau in enumerate(taus):
+        acc = torch.ops.prims.fma(coefs[i], tau.float(), acc)
+    out.copy_(acc)
 
 
 @functools.cache
-def compiled_kernel(n_terms: int):
+def compiled_kernel(n_terms: int) -> Any:
     """``kernel(out, anchor, coefs, *taus)``: ``out <- anchor + sum coefs[i] * taus[i]`` fused, fp32 inside.
 
     ``coefs`` is a 1-D fp32 tensor on the data's device (values change without recompiling); tensors are
-    1-D, any length (compiled with dynamic shapes).
+    1-D, of more than one element, any length (compiled with dynamic shapes). Compiles on first call.
     """
+    import torch._inductor.inductor_prims  # noqa: F401  (registers torch.ops.prims.fma)
 
-    def kernel(out: torch.Tensor, anchor: torch.Tensor, coefs: torch.Tensor, *taus: torch.Tensor) -> None:
-        acc = anchor.float()
-        for i in range(n_terms):
-            acc = acc + coefs[i] * taus[i].float()
-        out.copy_(acc)
+    # A code object of its own per term count: torch.compile keeps its compiled variants per code object
+    # (8 at most), so one shared ``_fused`` would run out with a few term counts times dtypes.
+    code = _fused.__code__.replace(co_name=f"merge_{n_terms}_terms")
+    fn = types.FunctionType(code, _fused.__globals__, code.co_name)
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
-    return torch.compile(kernel, dynamic=True, fullgraph=True)
+
+_compile_failed: dict[str, str] = {}  # device type -> why torch.compile failed there
+
+
+@functools.cache
+def compiled_problem(n_terms: int, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the compiled kernel for ``n_terms`` terms cannot stand in for eager here (None: it can).
+
+    Compiles it and merges :data:`PROBE` random elements with both kernels, in fp32 (where a second rounding
+    shows) and in ``dtype``; any failure to compile (no C++ compiler, no Triton) is the answer's one line,
+    and the answer for every later probe on that device type (each failing attempt costs seconds).
+    """
+    if device.type == "cpu" and device.type not in _compile_failed and (missing := _no_cpp_compiler()):
+        _compile_failed[device.type] = missing
+    if device.type in _compile_failed:
+        return _compile_failed[device.type]
+    for dt in dict.fromkeys((torch.float32, dtype)):
+        g = torch.Generator().manual_seed(n_terms)
+        anchor = torch.randn(PROBE, generator=g)
+        taus = [torch.randn(PROBE, generator=g) * 10.0**-k for k in range(n_terms)]
+        coefs = [0.7 - 1.9 * k for k in range(n_terms)]
+        anchor, *taus = (t.to(device=device, dtype=dt) for t in (anchor, *taus))
+        want, got = torch.empty_like(anchor), torch.empty_like(anchor)
+        merge_into(want, anchor, list(zip(coefs, taus, strict=True)), torch.empty(PROBE, dtype=torch.float32, device=device))
+        try:
+            compiled_kernel(n_terms)(got, anchor, torch.tensor(coefs, dtype=torch.float32, device=device), *taus)
+        except Exception as e:  # noqa: BLE001  (whatever stops torch.compile: the reason to fall back)
+            _compile_failed[device.type] = f"torch.compile failed ({type(e).__name__}: {_first_line(e)})"
+            return _compile_failed[device.type]
+        if not torch.equal(got, want):
+            return f"the compiled kernel's {dt} bits differ from the eager kernel's on {device.type}"
+    return None
+
+
+def _no_cpp_compiler() -> str | None:
+    """Why torch.compile has no C++ compiler on CPU (None: it has one), told in a tenth of a second where the
+    failing compile would take seconds (it traces and lowers the kernel before it looks for one)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch that moved it: the probe's compile tells all the same
+        return None
+    try:
+        get_cpp_compiler()  # CXX, else g++; runs ``--version``
+    except Exception as e:  # noqa: BLE001  (InvalidCxxCompiler, or whatever a broken toolchain raises)
+        return f"torch.compile has no C++ compiler ({type(e).__name__}: {_first_line(e)})"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:200] if lines else "no message"
+
+
+_noticed: list[str] = []
+
+
+def _notice(line: str) -> None:
+    """``line`` on stderr, the first time only: one fallback notice per process, whatever the term counts."""
+    if not _noticed:
+        _noticed.append(line)
+        print(line, file=sys.stderr, flush=True)
+
+
+def plan_merge(spec: GraftSpec, sources: Sources, device: torch.device | str | None,
+               dtype: torch.dtype | None) -> tuple[Grouping, list[str], torch.device, torch.dtype]:
+    """What a merge of ``spec`` writes: the anchor's parameters grouped, the names merged (grouped, and
+    present in some vector's checkpoint; in the model's order), the device and the working dtype (the
+    spec's where not given: ``auto`` is CUDA when present, the dtype the anchor's)."""
+    params = sources.anchor.layout.parameters
+    grouping = group_parameters(params, spec.groups)
+    dev = torch.device(device) if device is not None else spec.torch_device()
+    dt = dtype or spec.torch_dtype(anchor_dtype(sources))
+    covered = {n for v in spec.vectors for n in sources.mapped[spec.vectors[v].plus] if n in params}
+    return grouping, [n for n in params if n in grouping.group_of and n in covered], dev, dt
 
 
 def merged(anchor: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]], chunk: int | None = None) -> torch.Tensor:
@@ -95,7 +218,6 @@ def merged(anchor: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor]], ch
     step = chunk or DEFAULT_CHUNK.get(anchor.device.type, DEFAULT_CHUNK["cuda"])
     merge_into(out, anchor, terms, torch.empty(min(step, max(1, anchor.numel())), dtype=torch.float32, device=anchor.device))
     return out
-
 
 # -- coefficients ----------------------------------------------------------------------------------------
 
@@ -156,10 +278,10 @@ class Merger:
         grouping: Grouping,
         chunk: int | None = None,
         sources: Sources | None = None,
-        kernel: str = "eager",
+        kernel: str = DEFAULT_KERNEL,
     ) -> None:
-        if kernel not in ("eager", "compiled"):
-            raise UserError(f"merge kernel {kernel!r} is not eager or compiled")
+        if kernel not in KERNELS:
+            raise UserError(f"merge kernel {kernel!r} is not one of {', '.join(KERNELS)}")
         self.kernel = kernel
         self.anchor = anchor
         self.vectors = vectors
@@ -182,6 +304,9 @@ class Merger:
         step = chunk or DEFAULT_CHUNK.get(self.device.type, DEFAULT_CHUNK["cuda"])
         largest = max((t.numel() for t in anchor.values()), default=1)
         self.scratch = torch.empty(min(step, largest), dtype=torch.float32, device=self.device)
+        # bf16/fp16 terms are cast into a scratch of their own, not into a temporary allocated per add
+        self.cast = torch.empty_like(self.scratch) if self.dtype in _EXACT_IN_FP32 else None
+        self._failed: str | None = None  # why a compiled merge failed after its probe passed: eager from then on
 
     @classmethod
     def from_spec(
@@ -191,22 +316,16 @@ class Merger:
         dtype: torch.dtype | None = None,
         chunk: int | None = None,
         sources: Sources | None = None,
-        kernel: str = "eager",
+        kernel: str = DEFAULT_KERNEL,
     ) -> Merger:
         """Open the spec's checkpoints, group the anchor's parameters, load the anchor and compute the vectors.
 
         ``device`` and ``dtype`` default to the spec's (``auto``: CUDA when present; the anchor's dtype);
         ``sources`` reuses checkpoints already opened with :func:`~safesearch.vectors.open_sources`;
-        ``kernel`` is ``eager`` or ``compiled`` (see the module docstring).
+        ``kernel`` is ``auto`` (the default), ``compiled`` or ``eager`` (see the module docstring).
         """
         sources = sources or open_sources(spec)
-        params = sources.anchor.layout.parameters
-        grouping = group_parameters(params, spec.groups)
-        dev = torch.device(device) if device is not None else spec.torch_device()
-        dt = dtype or spec.torch_dtype(anchor_dtype(sources))
-        placed = grouping.group_of
-        covered = {n for v in spec.vectors for n in sources.mapped[spec.vectors[v].plus] if n in params}
-        touched = [n for n in params if n in placed and n in covered]
+        grouping, touched, dev, dt = plan_merge(spec, sources, device, dtype)
         anchor = {n: sources.load(spec.anchor, n, dev).to(dt).contiguous() for n in touched}
         vectors = compute_vectors(sources, touched, dt, dev)
         return cls(anchor, vectors, grouping, chunk=chunk, sources=sources, kernel=kernel)
@@ -281,7 +400,8 @@ class Merger:
         return anchor, vectors
 
     def resident_bytes(self) -> int:
-        tensors = [*self.anchor.values(), *(t for vec in self.vectors.values() for t in vec.values()), self.scratch]
+        scratch = [self.scratch] if self.cast is None else [self.scratch, self.cast]
+        tensors = [*self.anchor.values(), *(t for vec in self.vectors.values() for t in vec.values()), *scratch]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # -- merging -------------------------------------------------------------------------------------
@@ -295,13 +415,36 @@ class Merger:
             if name in t and (c := coefs.get(v, {}).get(g, 0.0)) != 0
         ]
         a = self.anchor[name]
-        if self.kernel == "eager" or not live:
-            merge_into(out, a, [(c, t) for _, c, t in live], self.scratch)
+        if not live or a.numel() <= COMPILED_MIN or not self.compiles(len(live)):
+            merge_into(out, a, [(c, t) for _, c, t in live], self.scratch, self.cast)
             return
         key = (g, tuple(i for i, _, _ in live))
         if key not in cache:
             cache[key] = torch.tensor([c for _, c, _ in live], dtype=torch.float32, device=self.device)
-        compiled_kernel(len(live))(out.view(-1), a.view(-1), cache[key], *(t.view(-1) for _, _, t in live))
+        try:
+            compiled_kernel(len(live))(out.view(-1), a.view(-1), cache[key], *(t.view(-1) for _, _, t in live))
+        except Exception as e:  # a recompile the probe did not foresee (other strides, say) that fails
+            if self.kernel == "compiled":
+                raise
+            self._failed = f"torch.compile failed ({type(e).__name__}: {_first_line(e)})"
+            self.compiles(len(live))  # the notice
+            merge_into(out, a, [(c, t) for _, c, t in live], self.scratch, self.cast)
+
+    def compiles(self, n_terms: int) -> bool:
+        """Whether a merge of ``n_terms`` live terms runs the compiled kernel (compiles and probes it first).
+
+        ``auto`` falls back to eager, with one line on stderr, where the compiled kernel fails its probe
+        (:func:`compiled_problem`); ``compiled`` raises there instead.
+        """
+        if self.kernel == "eager":
+            return False
+        problem = self._failed or compiled_problem(n_terms, self.dtype, self.device)
+        if problem is None:
+            return True
+        if self.kernel == "compiled":
+            raise UserError(f"merge kernel compiled: {problem}")
+        _notice(f"note: merge kernel auto: {problem}; merging with the eager kernel (the same bits, slower)")
+        return False
 
     @torch.no_grad()
     def merge_into(self, params: Mapping[str, torch.Tensor], coefs: Coefficients) -> None:

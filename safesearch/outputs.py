@@ -111,3 +111,15 @@ def write_file_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def left_out_note(checkpoint: Path) -> str | None:
+    """One line naming the anchor's files an export left out (``anchor_files`` of its provenance: files a
+    checkpoint does not need to load), or None when it left none out."""
+    import json
+
+    data = json.loads((checkpoint / PROVENANCE_FILE).read_text())
+    left = data.get("anchor_files", {}).get("left_out", [])
+    if not left:
+        return None
+    return f"left out of {checkpoint} (the anchor's files a checkpoint does not need): {', '.join(left)}"

@@ -268,7 +268,13 @@ class _LostConnectionFallback(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Caught an error from sqlalchemy") and "OperationalError" in message)
+        return not (message.startswith("Caught an error from sqlalchemy") and any(m in message for m in _LOST))
+
+
+# How the driver's error reads in Optuna's warning when the connection was lost: its class (psycopg names
+# AdminShutdown, a server that terminated the session, by its own class, not OperationalError) or the
+# pool's refusal to go on until the dead transaction is rolled back.
+_LOST = ("OperationalError", "AdminShutdown", "Can't reconnect until invalid transaction is rolled back")
 
 
 def _quiet_optuna_fallback() -> None:

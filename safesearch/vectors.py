@@ -24,7 +24,7 @@ import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -135,6 +135,9 @@ class Sources:
     checkpoints: dict[str, Checkpoint]
     # checkpoint name -> anchor-side name -> (the checkpoint's own model name, its tensor info)
     mapped: dict[str, dict[str, tuple[str, TensorInfo]]]
+    # vector -> the anchor parameters it has a delta for: checked once, reused by every compute_vectors call
+    # (an export computes the vectors one name at a time)
+    covered: dict[str, frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def anchor(self) -> Checkpoint:
@@ -143,6 +146,12 @@ class Sources:
     def load(self, ckpt: str, name: str, device: torch.device) -> torch.Tensor:
         info = self.mapped[ckpt][name][1]
         return self.checkpoints[ckpt].load(info.key, device=device)
+
+    def names_of(self, vector: str) -> frozenset[str]:
+        """:func:`vector_names` of the spec's vector ``vector``, computed once."""
+        if vector not in self.covered:
+            self.covered[vector] = frozenset(vector_names(self, self.spec.vectors[vector]))
+        return self.covered[vector]
 
 
 def open_sources(spec: GraftSpec) -> Sources:
@@ -159,8 +168,8 @@ def open_sources(spec: GraftSpec) -> Sources:
             m[cs.map_name(own)] = (own, ckpt.tensors[layout.names[own]])
         mapped[n] = m
     sources = Sources(spec, checkpoints, mapped)
-    for v in spec.vectors.values():
-        vector_names(sources, v)  # every naming and shape error before any tensor is read
+    for v in spec.vectors:
+        sources.names_of(v)  # every naming and shape error before any tensor is read
     return sources
 
 
@@ -240,7 +249,7 @@ def compute_vectors(
     """
     spec = sources.spec
     wanted = set(names)
-    covers = {v: set(vector_names(sources, spec.vectors[v])) & wanted for v in spec.vectors}
+    covers = {v: sources.names_of(v) & wanted for v in spec.vectors}
     out: dict[str, dict[str, torch.Tensor]] = {v: {} for v in spec.vectors}
     order = vector_order(spec.vectors)
     params = sources.anchor.layout.parameters

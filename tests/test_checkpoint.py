@@ -41,6 +41,25 @@ def test_headers_list_names_shapes_dtypes_and_load_reads_one_tensor(llama):
     assert ckpt.architecture == "LlamaForCausalLM"
 
 
+def test_load_flat_reads_a_range_of_elements(llama):
+    ckpt = Checkpoint(llama)
+    key = "model.layers.1.mlp.up_proj.weight"
+    whole = ckpt.load(key).reshape(-1)
+    for start, stop in ((0, whole.numel()), (5, 77), (whole.numel() - 3, whole.numel()), (9, 9)):
+        assert torch.equal(ckpt.load_flat(key, start, stop), whole[start:stop])
+    with pytest.raises(IndexError):
+        ckpt.load_flat(key, 0, whole.numel() + 1)
+
+
+def test_a_file_truncated_after_opening_fails_as_a_user_error(llama, tmp_path):
+    shutil.copytree(llama, tmp_path / "m")
+    ckpt = Checkpoint(tmp_path / "m")
+    with (tmp_path / "m" / "model.safetensors").open("r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError, match=r"cannot read tensor .*ends \d+ bytes early"):
+        ckpt.load(max(ckpt.tensors, key=lambda k: ckpt.tensors[k].offset))
+
+
 def test_sharded_checkpoint_reads_every_shard(tmp_path):
     model = load_tiny_model(build_tiny_llama(tmp_path / "one", seed=1))
     model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")

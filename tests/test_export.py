@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 
 import pytest
@@ -18,10 +19,12 @@ from tiny_models import (
 
 from safesearch import __version__
 from safesearch.checkpoint import Checkpoint, sha256_file
+from safesearch.digests import BackgroundDigests, folder_digests, spec_digests
 from safesearch.errors import UserError
 from safesearch.export import export_merged
 from safesearch.graftspec import spec_from_dict
 from safesearch.merging import Merger
+from safesearch.streaming import StreamingMerger
 
 IDS = torch.tensor([[2, 5, 9, 11, 7, 3]])
 COEFS = {"safety": {"*": 0.8, "layer.1": 1.6}, "medical": {"*": -0.2}}
@@ -186,3 +189,104 @@ def test_what_a_killed_export_left_is_removed_by_the_next_export_to_that_out(mer
         (tmp_path / name / "model.safetensors").write_bytes(b"half")
     export_merged(merger, merger.parse(COEFS), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-0badf00d", "out"]
+
+
+# -- the streaming export (what `safesearch merge` and `safesearch export` run) ------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "dtype", "chunk"),
+    [
+        ({}, torch.float32, None),
+        ({}, torch.float32, 64),  # streamed in ranges of 4 x 64 elements: many parts per tensor
+        ({}, torch.bfloat16, 64),
+        ({"orthogonalize": "medical", "trim": 0.5, "dare": {"rate": 0.3, "seed": 4}}, torch.float32, 64),
+    ],
+)
+def test_streaming_export_writes_the_bytes_of_the_resident_one(family, tmp_path, options, dtype, chunk):
+    spec = spec_from_dict(graft_spec_dict(family, **options))
+    resident = Merger.from_spec(spec, device="cpu", dtype=dtype)
+    streaming = StreamingMerger.from_spec(spec, device="cpu", dtype=dtype, chunk=chunk)
+    assert streaming.names == resident.names and streaming.groups() == resident.groups()
+    coefs = resident.parse(COEFS)
+    a = export_merged(resident, coefs, tmp_path / "resident")
+    b = export_merged(streaming, coefs, tmp_path / "streaming", shard_bytes=40_000 if chunk else 10**9)
+    expected = {}
+    for f in a.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            expected.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
+    got = {}
+    for f in b.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            got.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
+    assert expected.keys() == got.keys()
+    for k, t in expected.items():
+        assert t.dtype == got[k].dtype and torch.equal(t.view(torch.uint8), got[k].view(torch.uint8)), k
+    if not chunk:  # one shard each: the very file
+        assert sha256_file(a / "model.safetensors") == sha256_file(b / "model.safetensors")
+
+
+def test_streaming_export_records_the_digests_hashed_in_the_background(family, tmp_path):
+    spec = spec_from_dict(graft_spec_dict(family))
+    digests = spec_digests(spec)
+    m = StreamingMerger.from_spec(spec, device="cpu")
+    out = export_merged(m, m.parse(COEFS), tmp_path / "out", digests=digests)
+    info = json.loads((out / "safesearch.json").read_text())
+    for name, path in family.items():
+        assert info["inputs"][name]["sha256"] == folder_digests(path) == {p.name: sha256_file(p) for p in path.iterdir()}
+
+
+def test_background_digests_raise_what_hashing_met(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.json").write_text("{}")
+    digests = BackgroundDigests([tmp_path / "a", tmp_path / "gone"])
+    assert digests.get(tmp_path / "a") == {"x.json": sha256_file(tmp_path / "a" / "x.json")}
+    with pytest.raises(FileNotFoundError):
+        digests.get(tmp_path / "gone")
+
+
+def test_interrupted_streaming_export_leaves_nothing(family, tmp_path, monkeypatch):
+    m = StreamingMerger.from_spec(spec_from_dict(graft_spec_dict(family)), device="cpu", chunk=64)
+    calls = iter(range(10**6))
+    merge = m.merge_loaded
+
+    def interrupted(*args, **kwargs):
+        if next(calls) == 7:
+            raise KeyboardInterrupt
+        return merge(*args, **kwargs)
+
+    monkeypatch.setattr(m, "merge_loaded", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_merged(m, m.parse(COEFS), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_input_that_breaks_mid_export_fails_as_a_user_error_and_nothing_is_written(family, tmp_path):
+    for name, path in family.items():
+        shutil.copytree(path, tmp_path / "in" / name)
+    paths = {name: tmp_path / "in" / name for name in family}
+    m = StreamingMerger.from_spec(spec_from_dict(graft_spec_dict(paths)), device="cpu")
+    with (paths["aligned"] / "model.safetensors").open("r+b") as f:  # read on the read-ahead thread
+        f.truncate(2000)
+    with pytest.raises(UserError, match="cannot read tensor"):
+        export_merged(m, m.parse(COEFS), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_streaming_export_refuses_coefficients_beyond_the_dtype_and_merges_that_overflow(family, tmp_path,
+                                                                                         monkeypatch):
+    m = StreamingMerger.from_spec(spec_from_dict(graft_spec_dict(family)), device="cpu")
+    m.check_bounds(m.parse(COEFS), "c.json")
+    with pytest.raises(UserError, match=r"c.json: search.safety.layer.1: a coefficient of 1e\+39 is beyond the "
+                                        r"largest float32 value"):
+        m.check_bounds(m.parse({"safety": {"layer.1": -1e39}}), "c.json", prefix="search.")
+    load = m.load
+
+    def overflowing(name, part=None):
+        anchor, taus = load(name, part)
+        return anchor, {v: t.clone().fill_(3e38) for v, t in taus.items()}
+
+    monkeypatch.setattr(m, "load", overflowing)
+    with pytest.raises(UserError, match=r"merged tensor '.*' holds NaN or inf values .*nothing was written"):
+        export_merged(m, m.parse({"safety": {"*": 1.0}, "medical": {"*": 1.0}}), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -70,6 +70,40 @@ def test_merge_exports_what_the_in_memory_merger_computes(toy, capsys, tmp_path)
     assert run(capsys, "merge", toy, "--coef", coef, "--out", tmp_path / "merged", "--overwrite")[0] == 0
 
 
+def test_merge_copies_only_what_a_checkpoint_needs_and_names_the_rest(toy, capsys, tmp_path):
+    """The anchor's folder as users keep it: a README, training arguments, an optimizer state beside the
+    model. The export copies the config, tokenizer and chat template, leaves the rest out, and says so."""
+    spec = load_spec(toy)
+    anchor = Path(spec.anchor_checkpoint.path)
+    stray = {"README.md": "# my model", "training_args.json": "{}", "notes.txt": "x", "optimizer.pt": "x"}
+    for name, text in stray.items():
+        (anchor / name).write_text(text)
+    (anchor / "chat_template.jinja").write_text("{{ messages }}")
+    try:
+        coef = tmp_path / "coef.json"
+        coef.write_text(json.dumps({"safety": {"*": 0.5}, "medical": {"*": 0.0}}))
+        code, out, err = run(capsys, "merge", toy, "--coef", coef, "--out", tmp_path / "merged")
+        assert code == 0, err
+        written = {f.name for f in (tmp_path / "merged").iterdir()}
+        assert not written & set(stray) and {"config.json", "chat_template.jinja"} <= written
+        assert "README.md, notes.txt, optimizer.pt, training_args.json" in err, err
+        files = json.loads((tmp_path / "merged" / "safesearch.json").read_text())["anchor_files"]
+        assert files["left_out"] == ["README.md", "notes.txt", "optimizer.pt", "training_args.json"]
+        assert "config.json" in files["copied"] and "chat_template.jinja" in files["copied"]
+    finally:
+        for name in (*stray, "chat_template.jinja"):
+            (anchor / name).unlink()
+
+
+def test_needed_files_keep_a_models_own_code() -> None:
+    from safesearch.export import needed_files
+
+    names = ["config.json", "modeling_x.py", "README.md", "model.safetensors", "tokenizer.json", "x.tiktoken"]
+    assert needed_files(names, {}) == (["config.json", "tokenizer.json", "x.tiktoken"], ["README.md", "modeling_x.py"])
+    assert needed_files(names, {"auto_map": {"AutoModel": "modeling_x.X"}})[0] == [
+        "config.json", "modeling_x.py", "tokenizer.json", "x.tiktoken"]
+
+
 # -- bad input: each a one-line error and a non-zero exit ---------------------------------------------------
 
 

