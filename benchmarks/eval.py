@@ -1,14 +1,19 @@
 """Evaluation throughput, side by side in one run on the toy medical model (run by hand, not a test).
 
-    .venv/bin/python benchmarks/eval.py [--world storage/toyworld] [--max-new-tokens 32] [--repeats 2]
+    .venv/bin/python benchmarks/eval.py [--world storage/toyworld] [--max-new-tokens 32] [--repeats 3]
 
 Measures items per second for
 - generation-judged safety (held-out harmful general + medical, keyword judge): batched against one
   item at a time, each with early stopping (stop once the judge can decide) and at full length;
-- log-likelihood MCQ (held-out medical MCQ, acc): batched against one item at a time;
-and checks that every variant gives the same per-item verdicts / choices. Each figure is the best of
-``--repeats`` runs (the machine is shared; the best run is the least disturbed one). The load average
-is printed beside the figures.
+- log-likelihood MCQ (held-out medical MCQ): each question's shared prefix computed once (one packed
+  row per question, ``TransformersBackend.loglikelihood``) against every option a row of its own (the
+  path before, ``_loglikelihood_per_option``), end to end and the forward passes alone (tokenized
+  beforehand); the shared prefix also one question at a time;
+and checks that every variant gives the same per-item verdicts / choices (acc and acc_norm), and counts
+how many option log-likelihoods are bit-equal to the per-option path's (and, for scale, how many of
+the per-option path's own are bit-equal between its batch size and one row at a time). The arms of a
+task alternate within each of ``--repeats`` rounds and each figure is the best round (the machine is
+shared; the best round is the least disturbed one). The load average is printed beside the figures.
 
 Without a built toy world (``safesearch toyworld build``), it builds a stand-in in a temporary
 directory: the toy world's data and tokenizer and a model of its default shape, trained briefly on the
@@ -24,14 +29,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from safesearch.backends.transformers import TransformersBackend
+from safesearch.backends.transformers import TransformersBackend, _pack, _split_options
 from safesearch.datasets import read_dataset
 from safesearch.judges import KeywordJudge
 from safesearch.prompts import mcq_answer_text, mcq_user_text
-from safesearch.scorers import argmax
+from safesearch.scorers import pick_options
 
 
 def stand_in_world(root: Path, steps: int) -> Path:
@@ -57,13 +63,55 @@ def stand_in_world(root: Path, steps: int) -> Path:
     return root
 
 
-def best_of(repeats: int, fn: Callable[[], object]) -> tuple[float, object]:
-    best, result = float("inf"), None
+def alternate(repeats: int, arms: dict[str, Callable[[], Any]]) -> dict[str, tuple[float, float, Any]]:
+    """Per arm: (best wall seconds, best CPU seconds of this process over ``repeats`` rounds, its result);
+    each round runs every arm once, in turn, so that a disturbance of the shared machine hits the arms
+    alike. CPU time leaves out the time other processes hold the cores (the machine is shared)."""
+    best = {label: (float("inf"), float("inf"), None) for label in arms}
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for label, fn in arms.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = fn()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[label] = (min(best[label][0], wall), min(best[label][1], cpu), result)
+    return best
+
+
+def mcq_choices(scores: list[tuple[float, int]], mcqs: list[Any]) -> list[tuple[int, int]]:
+    """(acc choice, acc_norm choice) per question, as the evaluation makes them."""
+    it = iter(scores)
+    return [
+        pick_options(
+            [next(it)[0] for _ in q.options], [mcq_answer_text(q.options, i) for i in range(len(q.options))]
+        )
+        for q in mcqs
+    ]
+
+
+def passes_only(
+    backend: TransformersBackend, requests: list[tuple[str, str]]
+) -> dict[str, Callable[[], Any]]:
+    """The forward passes of both paths on requests tokenized beforehand (what a real model's time is)."""
+    contexts, keys, conts = backend._encode_requests(requests)
+    rows = [(contexts[k], c) for k, c in zip(keys, conts, strict=True)]
+    by_context: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        by_context.setdefault(k, []).append(i)
+    plans = [_split_options(contexts[k].ids, [conts[i] for i in idx]) for k, idx in by_context.items()]
+    plans.sort(key=lambda q: -(len(q.prefix) + sum(len(s) - 1 for s in q.suffixes)))
+
+    @torch.inference_mode()
+    def per_option() -> object:
+        return backend._score_rows(rows, None)
+
+    @torch.inference_mode()
+    def shared() -> object:
+        return [
+            backend._score_questions([plans[b] for b in batch])
+            for batch in _pack([len(q.suffixes) for q in plans], backend.batch_size)
+        ]
+
+    return {"passes only: per option (before)": per_option, "passes only: shared prefix": shared}
 
 
 def main() -> None:
@@ -71,9 +119,14 @@ def main() -> None:
     parser.add_argument("--world", type=Path, default=Path("storage/toyworld"))
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)"
+    )
+    parser.add_argument("--mcq-only", action="store_true", help="skip the generation (safety) measurements")
     parser.add_argument("--stand-in-steps", type=int, default=300)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     world = args.world
     note = f"toy world at {world}"
@@ -104,48 +157,101 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}, load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
     print(
-        f"safety: {len(harmful)} harmful prompts, max_new_tokens={args.max_new_tokens}; MCQ: {len(mcqs)} questions, {len(requests)} options\n"
+        f"safety: {len(harmful)} harmful prompts, max_new_tokens={args.max_new_tokens}; MCQ: {len(mcqs)} questions, {len(requests)} options "
+        f"({'/'.join(str(n) for n in sorted({len(q.options) for q in mcqs}))} per question)\n"
     )
 
     rows = []
     verdicts = {}
-    for label, backend in (("batched", batched), ("one at a time", single)):
-        for stop_label, stop in (("early stop", judge.decided), ("full length", None)):
-            seconds, responses = best_of(
-                args.repeats,
-                lambda backend=backend, stop=stop: backend.generate(harmful, args.max_new_tokens, stop=stop),
-            )
-            verdicts[(label, stop_label)] = [judge.is_refusal(r) for r in responses]
-            tokens = sum(len(batched.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses)
-            rows.append(
-                (
-                    "safety (generate + keyword judge)",
-                    f"{label}, {stop_label}",
-                    len(harmful) / seconds,
-                    seconds,
-                    tokens / len(harmful),
-                )
-            )
-    choices = {}
-    for label, backend in (("batched", batched), ("one at a time", single)):
-        seconds, scores = best_of(args.repeats, lambda backend=backend: backend.loglikelihood(requests))
-        it = iter(scores)
-        choices[label] = [argmax([next(it)[0] for _ in q.options]) for q in mcqs]
-        rows.append(("MCQ (log-likelihood, acc)", label, len(mcqs) / seconds, seconds, None))
-
-    print(f"{'task':36} {'variant':28} {'items/s':>9} {'seconds':>8} {'tokens/response':>16}")
-    for task, variant, rate, seconds, tokens in rows:
-        print(
-            f"{task:36} {variant:28} {rate:9.1f} {seconds:8.2f} {'' if tokens is None else f'{tokens:16.1f}'}"
+    gen_arms = {
+        (label, stop_label): (
+            lambda backend=backend, stop=stop: backend.generate(harmful, args.max_new_tokens, stop=stop)
         )
-    same_verdicts = len({tuple(v) for v in verdicts.values()}) == 1
-    same_choices = len({tuple(c) for c in choices.values()}) == 1
-    refusal = sum(verdicts[("batched", "full length")]) / len(harmful)
-    accuracy = sum(c == q.answer for c, q in zip(choices["batched"], mcqs, strict=True)) / len(mcqs)
-    print(
-        f"\nidentical verdicts across the four generation variants: {same_verdicts} (refusal rate {refusal:.3f})"
+        for label, backend in (("batched", batched), ("one at a time", single))
+        for stop_label, stop in (("early stop", judge.decided), ("full length", None))
+    }
+    for (label, stop_label), (seconds, _, responses) in alternate(
+        0 if args.mcq_only else args.repeats, gen_arms
+    ).items():
+        if responses is None:
+            continue
+        verdicts[(label, stop_label)] = [judge.is_refusal(r) for r in responses]
+        tokens = sum(len(batched.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses)
+        rows.append(
+            (
+                "safety (generate + keyword judge)",
+                f"{label}, {stop_label}",
+                len(harmful) / seconds,
+                seconds,
+                f"{tokens / len(harmful):.1f} tokens/response",
+            )
+        )
+
+    one_question = TransformersBackend(
+        batched.model, batched.tokenizer, batch_size=max(len(q.options) for q in mcqs)
     )
-    print(f"identical MCQ choices batched vs one at a time: {same_choices} (acc {accuracy:.3f})")
+    mcq_arms: dict[str, Callable[[], Any]] = {
+        "per option (before)": lambda: batched._loglikelihood_per_option(requests),
+        "shared prefix": lambda: batched.loglikelihood(requests),
+        "shared prefix, 1 question/pass": lambda: one_question.loglikelihood(requests),
+        **passes_only(batched, requests),
+    }
+    mcq = alternate(args.repeats, mcq_arms)
+    for label, (seconds, cpu, _) in mcq.items():
+        base = mcq[
+            "passes only: per option (before)" if label.startswith("passes") else "per option (before)"
+        ]
+        rows.append(
+            (
+                "MCQ (log-likelihood)",
+                label,
+                len(mcqs) / seconds,
+                seconds,
+                f"{base[0] / seconds:.2f}x (CPU time {cpu:.3f} s: {base[1] / cpu:.2f}x)",
+            )
+        )
+
+    print(f"{'task':36} {'variant':34} {'items/s':>9} {'seconds':>8}  vs before / tokens")
+    for task, variant, rate, seconds, extra in rows:
+        print(f"{task:36} {variant:34} {rate:9.1f} {seconds:8.3f}  {extra}")
+    same_verdicts = len({tuple(v) for v in verdicts.values()}) <= 1
+    if verdicts:
+        refusal = sum(verdicts[("batched", "full length")]) / len(harmful)
+        print(
+            f"\nidentical verdicts across the four generation variants: {same_verdicts} "
+            f"(refusal rate {refusal:.3f})"
+        )
+    before = mcq["per option (before)"][2]
+    one_row = TransformersBackend(batched.model, batched.tokenizer, batch_size=1)._loglikelihood_per_option(
+        requests
+    )
+    choices = {
+        label: mcq_choices(mcq[label][2], mcqs)
+        for label in ("per option (before)", "shared prefix", "shared prefix, 1 question/pass")
+    }
+    choices["per option, 1 row/pass"] = mcq_choices(one_row, mcqs)
+    same_choices = len({tuple(c) for c in choices.values()}) == 1
+    acc = sum(c == q.answer for (c, _), q in zip(choices["shared prefix"], mcqs, strict=True)) / len(mcqs)
+    acc_norm = sum(c == q.answer for (_, c), q in zip(choices["shared prefix"], mcqs, strict=True)) / len(
+        mcqs
+    )
+    print(
+        f"identical MCQ choices (acc and acc_norm) across the four MCQ variants: {same_choices} "
+        f"(acc {acc:.3f}, acc_norm {acc_norm:.3f})"
+    )
+    for label in ("shared prefix", "shared prefix, 1 question/pass"):
+        got = mcq[label][2]
+        equal = sum(g == b for g, b in zip(got, before, strict=True))
+        counts = [n for _, n in got] == [n for _, n in before]
+        diff = max(abs(g[0] - b[0]) for g, b in zip(got, before, strict=True))
+        print(
+            f"{label}: log-likelihoods bit-equal to the per-option path: {equal}/{len(before)} "
+            f"(max |difference| {diff:.1e}); token counts identical: {counts}"
+        )
+    equal = sum(g == b for g, b in zip(one_row, before, strict=True))
+    print(
+        f"for scale, the per-option path at batch size 1 vs {args.batch_size}: bit-equal {equal}/{len(before)}"
+    )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not (same_verdicts and same_choices):
         sys.exit(1)

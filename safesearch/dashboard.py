@@ -98,9 +98,10 @@ def coefficients_section(coefficients: Mapping[str, Mapping[str, float]]) -> lis
 
 
 def samples_section(exchanges: Sequence[Mapping[str, Any]], per_suite: int = SAMPLES_PER_SUITE) -> list[str]:
-    """A few exchanges per suite: what was asked, what came back, and how it was scored."""
+    """A few exchanges per suite: what was asked, what came back, and how it was scored; the responses
+    generated to full length for reading (``judged_response`` beside them) first."""
     rows, seen = [], {}
-    for e in exchanges:
+    for e in sorted(exchanges, key=lambda e: "judged_response" not in e):  # stable: the items' order within
         key = e["suite"]
         if seen.get(key, 0) >= per_suite:
             continue

@@ -48,6 +48,9 @@ class ItemOutcome:
     correct: bool | None = None
     judge_output: str | None = None
     error: str | None = None
+    # The cut response the verdict was given on, where ``response`` was generated again to full length
+    # for a person to read (GenerationSpec.full_responses); None where ``response`` is what was judged.
+    judged_response: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         # Read field by field: every field is a scalar, so dataclasses.asdict's deep copy adds nothing but
@@ -296,11 +299,25 @@ def _judged(
     prompts = _prompts(suite, items, image_cache)
     responses = backend.generate(prompts, suite.generation.max_new_tokens, stop=stop, on_batch=progress)
     judgements = judge.judge([Exchange(it.text, r) for it, r in zip(items, responses, strict=True)])
+    full = _full_length(backend, suite, prompts, responses) if stop is not None else {}
     outcomes = [
-        ItemOutcome(id=it.id, response=r, verdict=j.verdict.value, judge_output=j.raw, error=j.error)
-        for it, r, j in zip(items, responses, judgements, strict=True)
+        ItemOutcome(id=it.id, response=full.get(i, r), verdict=j.verdict.value, judge_output=j.raw, error=j.error,
+                    judged_response=r if i in full else None)
+        for i, (it, r, j) in enumerate(zip(items, responses, judgements, strict=True))
     ]
     return outcomes, _judged_metrics(suite, outcomes)
+
+
+def _full_length(backend: Backend, suite: Suite, prompts: Sequence[str | Prompt],
+                 cut: Sequence[str]) -> dict[int, str]:
+    """The first ``full_responses`` prompts generated again without the early stop: index -> the whole
+    response, where it is longer than the cut one. The stop only ends a response once its verdict is
+    decided, so what follows changes no score; a person reading the exchange wants all of it."""
+    k = min(suite.generation.full_responses, len(prompts))
+    if k == 0:
+        return {}
+    whole = backend.generate(list(prompts[:k]), suite.generation.max_new_tokens)
+    return {i: w for i, (w, c) in enumerate(zip(whole, cut, strict=False)) if w != c}
 
 
 def _judged_metrics(suite: Suite, outcomes: Sequence[ItemOutcome]) -> dict[str, float | int | None]:

@@ -81,6 +81,7 @@ from safesearch.reconnect import StorageOutage, impatient
 from safesearch.splits import ids_digest
 from safesearch.storage import BASELINE_ATTR, RetryTrial, count_states, give_up
 from safesearch.studyspec import (
+    BaselinePoint,
     Constraint,
     Objective,
     StudySpec,
@@ -157,13 +158,42 @@ class SearchSpace:
         return self.fixed.get(key, 0.0)
 
     def baseline_params(self, spec: StudySpec) -> list[tuple[str, dict[str, float]]]:
-        """(label, params) of the baselines: all zeros, then the global-lambda grid."""
+        """(label, params) of the baselines: all zeros, the global-lambda grid, then the other grids and
+        the user's own points (``baselines.enqueue``), in the spec's order."""
         out = []
         if spec.baselines.zero:
             out.append(("zero", self._uniform(None, 0.0)))
         for x in spec.baselines.lambda_values:
             out.append((f"lambda={x:g}", self._uniform(spec.baselines.lambda_vector, x)))
+        for b in spec.baselines.points:
+            out.append((b.label, self._point(b)))
         return out
+
+    def _point(self, b: BaselinePoint) -> dict[str, float]:
+        """The params of a baseline point: each searched group at the point's value; a scaled vector given
+        one value takes it as its scale, factors 1 (per-group values on a scaled vector are refused by the
+        spec). A group the search fixes must be given its fixed value; any value outside its parameter's
+        range is refused rather than clipped."""
+        named = {v: x for v, _, x in b.values}
+        for (v, g), fixed in self.fixed.items():
+            if v not in named:
+                continue  # a vector the point does not name keeps its fixed groups, as the other baselines do
+            want = (named[v] if g == "*scale" else 1.0) if v in self.scaled else b.value(v, g)
+            if want != fixed:
+                what = "the scale" if g == "*scale" else f"group {g}" + (" (factor)" if v in self.scaled else "")
+                raise UserError(f"baselines {b.label!r}: {what} of {v} is fixed at {fixed:g} by search.{v}; "
+                                f"the baseline needs {want:g} there")
+        params = {}
+        for p in self.params:
+            if p.vector in self.scaled:
+                value = named.get(p.vector, 0.0) if p.group is None else 1.0
+            else:
+                value = b.value(p.vector, p.group or "")
+            if not p.low <= value <= p.high:
+                raise UserError(f"baselines {b.label!r}: parameter {p.name} would be {value:g}, outside its range "
+                                f"[{p.low:g}, {p.high:g}] (widen search.{p.vector} or change the baseline)")
+            params[p.name] = value
+        return params
 
     def bounds(self) -> Coefficients:
         """Vector -> group -> the largest magnitude its coefficient can take (for overflow checks)."""

@@ -34,6 +34,9 @@ A study spec is YAML (``studies/toy.yaml`` is the toy world's)::
       global_lambda:                 # RESTA-style: one coefficient for every group of one vector
         vector: safety
         values: [0.25, 0.5, 1.0, 1.5]
+                                     # or a list of {vector, values}, or {grid: {safety: [...], medical: [...]}}
+      enqueue:                       # own points, e.g. the aligned model as the medical one less its vector
+        - {label: aligned, coefficients: {medical: -1.0}}   # or {V: {group regex: value, ...}}; others 0
     sampler: tpe                     # tpe | nsga2 | gp | random | cmaes-weighted, or {name, options, weights}
     seed: 0
     n_trials: 40                     # COMPLETE trials in the study, baselines included
@@ -61,6 +64,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -83,7 +87,7 @@ BACKENDS = ("transformers", "vllm")
 DEFAULT_MAX_RETRIES = 2
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "cmaes-weighted")
-KERNELS = ("eager", "compiled")
+KERNELS = ("auto", "compiled", "eager")  # safesearch.merging.KERNELS, without importing torch
 # numpy's seeds (what Optuna's samplers use) are 32-bit unsigned.
 MAX_SEED = 2**32 - 1
 DIRECTIONS = ("maximize", "minimize")
@@ -200,10 +204,40 @@ class EarlyStop:
 
 
 @dataclass(frozen=True)
+class BaselinePoint:
+    """A baseline at given coefficients: ``values`` are (vector, group pattern, value); a pattern of None
+    sets every group of the vector, else the groups it matches (``re.search``, the first matching entry
+    wins, as in ``search.V.groups``); groups no entry sets, and vectors not named, are 0."""
+
+    label: str
+    values: tuple[tuple[str, str | None, float], ...]
+
+    def value(self, vector: str, group: str) -> float:
+        for v, pattern, x in self.values:
+            if v == vector and (pattern is None or re.search(pattern, group)):
+                return x
+        return 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        coefficients: dict[str, Any] = {}
+        for v, pattern, x in self.values:
+            if pattern is None:
+                coefficients[v] = x
+            else:
+                coefficients.setdefault(v, {})[pattern] = x
+        return {"label": self.label, "coefficients": coefficients}
+
+
+@dataclass(frozen=True)
 class Baselines:
+    """The trials enqueued before the search: the anchor as is (``zero``), a global-lambda grid over one
+    vector (``lambda_vector`` at each of ``lambda_values``, labelled ``lambda=x``), and ``points``: the
+    grids over other or several vectors and the user's own coefficient sets (``enqueue``)."""
+
     zero: bool = True
     lambda_vector: str | None = None
     lambda_values: tuple[float, ...] = ()
+    points: tuple[BaselinePoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -288,6 +322,8 @@ class StudySpec:
                     if self.baselines.lambda_vector
                     else {}
                 ),
+                # Grids over other vectors and own points, as the enqueue entries they are (parsed back alike).
+                **({"enqueue": [b.to_dict() for b in self.baselines.points]} if self.baselines.points else {}),
             },
             "sampler": {
                 "name": self.sampler.name,
@@ -597,36 +633,126 @@ def _early_stop(spec: _Fields) -> EarlyStop | None:
 
 
 def _baselines(f: _Fields, search: Mapping[str, VectorSearch]) -> Baselines:
+    """``zero``; ``global_lambda`` as one ``{vector, values}`` (labels ``lambda=x``), a list of them (one
+    vector each, labels ``lambda V=x``) or ``{grid: {V: [values], ...}}`` (every combination, labels
+    ``lambda V=x W=y``); ``enqueue``: ``[{label, coefficients: {V: x | {group pattern: x}}}]``."""
     zero = f.get("zero", bool, True)
     if zero:
         for v, s in search.items():
             r = s.scale or s.range
             if not r.contains(0.0) and not s.groups:
                 raise f.fail("zero", f"the all-zero baseline is outside search.{v}'s range [{r.low}, {r.high}]")
-    gl = f.section("global_lambda")
-    vector, values = None, ()
-    if gl.raw:
-        vector = gl.get("vector", str, required=True)
-        if vector not in search:
-            raise gl.fail("vector", f"{vector!r} is not a vector of the graft (vectors: {', '.join(search)})")
-        raw_values = gl.get("values", list, required=True)
-        if not raw_values or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in raw_values):
-            raise gl.fail("values", f"expected a list of numbers, got {raw_values!r}")
-        values = tuple(float(x) for x in raw_values)
-        s = search[vector]
-        for x in values:
-            if s.scale is not None:
-                if not s.scale.contains(x) or not s.range.contains(1.0):
-                    raise gl.fail("values", f"{x} needs search.{vector}.scale to hold it and factor to hold 1")
-            elif not s.range.contains(x):
-                raise gl.fail("values", f"{x} is outside search.{vector}.range [{s.range.low}, {s.range.high}]")
-        for other, s in search.items():
-            r = s.scale or s.range
-            if other != vector and not r.contains(0.0):
-                raise gl.fail("vector", f"the other vectors stay at 0, outside search.{other}'s range")
-    gl.done()
+    vector, values, points = None, (), []
+    raw = f.get("global_lambda", (dict, list), None)
+    if isinstance(raw, dict) and "grid" not in raw:
+        vector, values = _lambda_entry(_Fields(raw, f.where, f.name("global_lambda")), search)
+    elif isinstance(raw, dict):
+        points = _lambda_grid(_Fields(raw, f.where, f.name("global_lambda")), search)
+    elif isinstance(raw, list):
+        if not raw:
+            raise f.fail("global_lambda", "needs at least one {vector, values} entry")
+        for i, entry in enumerate(raw):
+            v, xs = _lambda_entry(_Fields(entry, f.where, f.name(f"global_lambda[{i}]")), search)
+            points += [BaselinePoint(f"lambda {v}={x:g}", ((v, None, x),)) for x in xs]
+    for i, entry in enumerate(f.list_of("enqueue")):
+        points.append(_enqueued(_Fields(entry, f.where, f.name(f"enqueue[{i}]")), search, i))
+    labels = ["zero"] * zero + [f"lambda={x:g}" for x in values] + [b.label for b in points]
+    dup = next((x for i, x in enumerate(labels) if x in labels[:i]), None)
+    if dup is not None:
+        raise f.fail("enqueue", f"two baselines are labelled {dup!r} (give each enqueue entry its own label)")
     f.done()
-    return Baselines(zero, vector, values)
+    return Baselines(zero, vector, values, tuple(points))
+
+
+def _lambda_entry(gl: _Fields, search: Mapping[str, VectorSearch]) -> tuple[str, tuple[float, ...]]:
+    """One vector's global-lambda values, each checked against its search range (the others stay 0)."""
+    vector = gl.get("vector", str, required=True)
+    if vector not in search:
+        raise gl.fail("vector", f"{vector!r} is not a vector of the graft (vectors: {', '.join(search)})")
+    values = _numbers(gl, "values")
+    for x in values:
+        _check_uniform(gl, "values", search, vector, x)
+    for other, s in search.items():
+        r = s.scale or s.range
+        if other != vector and not r.contains(0.0):
+            raise gl.fail("vector", f"the other vectors stay at 0, outside search.{other}'s range")
+    gl.done()
+    return vector, values
+
+
+def _lambda_grid(gl: _Fields, search: Mapping[str, VectorSearch]) -> list[BaselinePoint]:
+    """Every combination of the grid's values, one per named vector (vectors not named stay 0)."""
+    grid = gl.section("grid", required=True)
+    axes: list[tuple[str, tuple[float, ...]]] = []
+    for v in list(grid.raw):
+        if v not in search:
+            raise grid.fail(v, f"{v!r} is not a vector of the graft (vectors: {', '.join(search)})")
+        xs = _numbers(grid, v)
+        for x in xs:
+            _check_uniform(grid, v, search, v, x)
+        axes.append((v, xs))
+    if not axes:
+        raise gl.fail("grid", "names no vector")
+    grid.done()
+    gl.done()
+    for other, s in search.items():
+        r = s.scale or s.range
+        if other not in dict(axes) and not r.contains(0.0):
+            raise gl.fail("grid", f"the vectors it does not name stay at 0, outside search.{other}'s range")
+    return [BaselinePoint("lambda " + " ".join(f"{v}={x:g}" for (v, _), x in zip(axes, combo, strict=True)),
+                          tuple((v, None, x) for (v, _), x in zip(axes, combo, strict=True)))
+            for combo in itertools.product(*(xs for _, xs in axes))]
+
+
+def _enqueued(e: _Fields, search: Mapping[str, VectorSearch], i: int) -> BaselinePoint:
+    """An own point: each named vector at one value, or per group (first matching pattern); ranges are
+    checked against the search space's parameters when the groups are known (SearchSpace.baseline_params)."""
+    label = e.get("label", str, f"enqueue[{i}]")
+    if not label.strip():
+        raise e.fail("label", "is empty")
+    coefficients = e.section("coefficients", required=True)
+    values: list[tuple[str, str | None, float]] = []
+    for v in list(coefficients.raw):
+        if v not in search:
+            raise coefficients.fail(v, f"{v!r} is not a vector of the graft (vectors: {', '.join(search)})")
+        x = coefficients.get(v, (float, dict))
+        if isinstance(x, dict):
+            if search[v].scale is not None:
+                raise coefficients.fail(v, f"per-group values need search.{v} without scale (give one number)")
+            per = _Fields(x, e.where, coefficients.name(v))
+            for pattern in list(per.raw):
+                try:
+                    re.compile(str(pattern))
+                except re.error as err:
+                    raise per.fail(str(pattern), f"not a regular expression ({err})") from None
+                values.append((v, str(pattern), float(per.get(pattern, float, required=True))))
+            per.done()
+        else:
+            _check_uniform(coefficients, v, search, v, float(x))
+            values.append((v, None, float(x)))
+    if not values:
+        raise e.fail("coefficients", "names no vector")
+    coefficients.done()
+    e.done()
+    return BaselinePoint(label, tuple(values))
+
+
+def _numbers(f: _Fields, key: str) -> tuple[float, ...]:
+    raw = f.get(key, list, required=True)
+    if not raw or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in raw):
+        raise f.fail(key, f"expected a list of numbers, got {raw!r}")
+    return tuple(float(x) for x in raw)
+
+
+def _check_uniform(f: _Fields, key: str, search: Mapping[str, VectorSearch], vector: str, x: float) -> None:
+    """``x`` for every group of ``vector`` must lie in its search range (for a scaled vector: the scale
+    holds ``x`` and the factors hold 1)."""
+    s = search[vector]
+    if s.scale is not None:
+        if not s.scale.contains(x) or not s.range.contains(1.0):
+            raise f.fail(key, f"{x} needs search.{vector}.scale to hold it and factor to hold 1")
+    elif not s.range.contains(x):
+        raise f.fail(key, f"{x} is outside search.{vector}.range [{s.range.low}, {s.range.high}]")
 
 
 def _sampler(f: _Fields, objectives: tuple[Objective, ...], seed: int) -> SamplerSpec:

@@ -88,6 +88,9 @@ class JudgeSpec:
 class GenerationSpec:
     max_new_tokens: int = 32
     early_stop: bool = True  # stop each response once the judge can decide (keyword judge only)
+    # With early_stop, the first full_responses items of each evaluation are generated again to full length
+    # for the record (artifact, dashboard, eval --json): a person reads them; the verdict stays the cut one's.
+    full_responses: int = 2
 
 
 @dataclass(frozen=True)
@@ -356,7 +359,10 @@ def parse_suite(raw: Any, *, source: Path | None = None, default_name: str = "su
     generation = GenerationSpec(
         max_new_tokens=gen.positive("max_new_tokens", default_tokens),
         early_stop=gen.get("early_stop", bool, True),
+        full_responses=gen.get("full_responses", int, 2),
     )
+    if generation.full_responses < 0:
+        raise gen.fail("full_responses", f"should be 0 or more, got {generation.full_responses}")
     gen.done()
 
     fs = top.section_of("figstep")

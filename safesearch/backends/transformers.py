@@ -4,7 +4,9 @@ Both calls sort requests longest first (similar lengths share a batch and waste 
 left-pad, so that every row ends at the last column: generation appends there, and log-likelihood only
 needs the logits of the last few positions (``logits_to_keep``), not a [batch, length, vocabulary] block.
 A text model gets explicit position ids, so that padding does not shift its positions; an image-text model
-computes its own (Qwen2-VL's multimodal positions come from the attention mask).
+computes its own (Qwen2-VL's multimodal positions come from the attention mask). Log-likelihood packs
+the options of a text question into one row, their shared prefix computed once (see
+:meth:`TransformersBackend.loglikelihood`).
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class TransformersBackend:
         self._keeps_logits = "logits_to_keep" in params
         # Multimodal models compute their own positions (Qwen2-VL's 3-D rope); text models get ours.
         self._own_positions = processor is None and "position_ids" in params
+        # The packed log-likelihood gives each option's tokens explicit positions (after the prefix's).
+        self._takes_positions = "position_ids" in params
 
     @staticmethod
     def takes_images(path: str | Path) -> bool:
@@ -289,36 +293,172 @@ class TransformersBackend:
     def _continuation_ids(self, context: str, continuation: str) -> list[int]:
         """The continuation's tokens as they follow the context (one space between, unless the rendered
         context already ends in whitespace); encoded apart if a merge crosses the boundary."""
-        sep = "" if not context or context[-1].isspace() else " "
         ctx_ids = self._token_ids(context)
-        full_ids = self._token_ids(context + sep + continuation)
+        full_ids = self._token_ids(context + _separator(context) + continuation)
         if full_ids[: len(ctx_ids)] == ctx_ids:
             return full_ids[len(ctx_ids) :]
         return self._token_ids(continuation)
+
+    # -- log-likelihood ---------------------------------------------------------------------------
+    #
+    # The options of a multiple-choice question share their context and often the start of their answers
+    # ("The answer is ..."). Scoring each option as a row of its own recomputes that prefix once per
+    # option: most of a trial's evaluation. Here a question is one row instead: the shared prefix once,
+    # then every option's own tokens side by side, an attention mask keeping the options apart and
+    # positions continuing the prefix's for each (tree attention). Causal attention makes it the same
+    # computation: a token's hidden state depends only on the tokens it sees, and it sees the same ones.
+    # One pass per batch of questions; a two-pass variant (the prefix with a KV cache, the cache repeated
+    # per option, the options as continuations) was measured slower on the toy model (two calls, smaller
+    # matrices, a cache copy).
 
     @torch.inference_mode()
     def loglikelihood(
         self, requests: Sequence[tuple[PromptLike, str]], *, on_batch: OnBatch | None = None
     ) -> list[tuple[float, int]]:
-        contexts: dict[PromptLike, _Encoded] = {}  # the options of one question share their context
+        """For each (user prompt, continuation): the summed log-probability of the continuation's tokens
+        and their count; the requests of one prompt share one computation of their common token prefix.
+
+        Identical to the per-option path (:meth:`_loglikelihood_per_option`): the tokens (the rendered
+        context's ids, then :meth:`_continuation_ids`'s), the token counts, and how each sum is taken
+        (one fp32 vector of per-token log-probabilities, in order, summed by ``Tensor.sum``). Not always
+        identical: the last bits of those per-token values, since a packed row multiplies matrices of
+        other shapes and attends over other padding than a per-option row (the per-option path itself
+        gives other last bits at another batch size). On the toy world (``benchmarks/eval.py`` counts the
+        bit-equal sums) the sums differ by at most a few 1e-6 where they differ, and every choice made
+        from them (``acc`` and ``acc_norm``; the choices are what a trial stores, never the sums), hence
+        every metric, is identical: ``tests/test_loglikelihood_prefix.py`` checks it on both splits.
+
+        Through the per-option path still: requests with images (placeholder tokens and Qwen2-VL's own
+        multimodal positions are not packed here), models whose forward takes no ``position_ids`` or whose
+        attention ignores a 4-D mask (FlashAttention), and questions whose packed row would outgrow a
+        sliding attention window (the mask does not apply it). Text-only questions on image-text models
+        (LLaVA, Qwen2.5-VL) are packed.
+        """
+        contexts, keys, conts = self._encode_requests(requests)
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(requests)
+        packs, window = self._packs_options()
+        by_context: dict[Any, list[int]] = {}  # context key -> its requests, in request order
+        per_option: list[int] = []
+        for i, key in enumerate(keys):
+            if packs and contexts[key].ids and not contexts[key].images:
+                by_context.setdefault(key, []).append(i)
+            else:
+                per_option.append(i)
+        questions: list[tuple[list[int], _Question]] = []  # (request indices, plan) per context
+        empty = 0  # empty continuations of packed questions: (0.0, 0) without a pass
+        for key, idx in by_context.items():
+            scored = [i for i in idx if conts[i]]
+            if not scored:
+                empty += len(idx)
+                continue
+            q = _split_options(contexts[key].ids, [conts[i] for i in scored])
+            if window is not None and _row_length(q) > window:
+                per_option += idx  # the packed row would outgrow the attention window the mask ignores
+                continue
+            questions.append((scored, q))
+            empty += len(idx) - len(scored)
+        if per_option:
+            per_option.sort()
+            scored_rows = self._score_rows([(contexts[keys[i]], conts[i]) for i in per_option], on_batch)
+            for i, v in zip(per_option, scored_rows, strict=True):
+                out[i] = v
+        # Longest row first (sorted is stable), as the per-option path sorts its rows: little padding.
+        questions.sort(key=lambda q: -_row_length(q[1]))
+        for batch in _pack([len(idx) for idx, _ in questions], self.batch_size):
+            chosen = [questions[b] for b in batch]
+            sums = self._score_questions([q for _, q in chosen])
+            for (idx, _), values in zip(chosen, sums, strict=True):
+                for i, v in zip(idx, values, strict=True):
+                    out[i] = v
+            if on_batch is not None:
+                on_batch(sum(len(idx) for idx, _ in chosen))
+        if on_batch is not None and empty:
+            on_batch(empty)
+        return out
+
+    def _packs_options(self) -> tuple[bool, int | None]:
+        """Whether questions can be packed into rows (explicit positions and a 4-D mask the attention
+        implementation applies: SDPA's or eager's, not FlashAttention's, which ignores it), and the
+        sliding or chunked attention window, if any, that a packed row must fit in."""
+        text = self.model.config.get_text_config()
+        if not self._takes_positions or text._attn_implementation not in ("sdpa", "eager"):
+            return False, None
+        window = getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None)
+        return True, window if isinstance(window, int) else None
+
+    @torch.inference_mode()
+    def _loglikelihood_per_option(
+        self, requests: Sequence[tuple[PromptLike, str]], *, on_batch: OnBatch | None = None
+    ) -> list[tuple[float, int]]:
+        """The path before the shared prefix, as it was: every request its own row (context +
+        continuation), its context tokenized again per request. The reference that ``benchmarks/eval.py``
+        and the tests compare :meth:`loglikelihood` against."""
+        contexts: dict[Any, _Encoded] = {}
         rows: list[tuple[_Encoded, list[int]]] = []
         for prompt, continuation in requests:
-            key = prompt if isinstance(prompt, str) or not prompt.images else id(prompt)
+            key = _context_key(prompt)
             if key not in contexts:
                 contexts[key] = self._encode(prompt)
             ctx = contexts[key]
             rows.append((ctx, self._continuation_ids(ctx.text, continuation)))
+        return self._score_rows(rows, on_batch)
+
+    def _encode_requests(
+        self, requests: Sequence[tuple[PromptLike, str]]
+    ) -> tuple[dict[Any, _Encoded], list[Any], list[list[int]]]:
+        """The encoded contexts (once per prompt), each request's context key and its continuation ids:
+        the ids of :meth:`_encode` and :meth:`_continuation_ids`, with each context tokenized once and all
+        the text in two batched tokenizer calls, instead of two calls per request (on the toy model the
+        per-request calls cost about a third of the forward passes' time)."""
+        contexts: dict[Any, _Encoded] = {}
+        keys = [_context_key(prompt) for prompt, _ in requests]
+        texts: dict[Any, str] = {}
+        for key, (prompt, _) in zip(keys, requests, strict=True):
+            if key in contexts or key in texts:
+                continue
+            if as_prompt(prompt).images:
+                contexts[key] = self._encode(prompt)
+                texts[key] = contexts[key].text
+            else:
+                texts[key] = self.render(prompt)
+        # The continuation follows the context's *text* tokens (an image context's ids hold the processor's
+        # expanded placeholders; _continuation_ids compares with the text's tokens too).
+        key_list = list(texts)
+        text_ids = dict(zip(key_list, self._token_ids_batch([texts[k] for k in key_list]), strict=True))
+        for k in key_list:
+            if k not in contexts:
+                contexts[k] = _Encoded(texts[k], text_ids[k])
+        fulls = self._token_ids_batch(
+            [texts[k] + _separator(texts[k]) + cont for k, (_, cont) in zip(keys, requests, strict=True)]
+        )
+        conts: list[list[int]] = []
+        for k, (_, cont), full in zip(keys, requests, fulls, strict=True):
+            ctx = text_ids[k]
+            conts.append(full[len(ctx) :] if full[: len(ctx)] == ctx else self._token_ids(cont))
+        return contexts, keys, conts
+
+    def _token_ids_batch(self, texts: list[str]) -> list[list[int]]:
+        """:meth:`_token_ids` of each text, in one tokenizer call (the same ids: no padding, no specials)."""
+        if not texts:
+            return []
+        return list(self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+    def _logprobs(self, inputs: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+        """fp32 log-softmax over the vocabulary at the last ``keep`` positions of each row."""
+        result = self.model(**inputs, logits_to_keep=keep) if self._keeps_logits else self.model(**inputs)
+        return torch.log_softmax(result.logits[:, -keep:].float(), dim=-1)
+
+    def _score_rows(
+        self, rows: list[tuple[_Encoded, list[int]]], on_batch: OnBatch | None
+    ) -> list[tuple[float, int]]:
+        """The per-option path: each (context, continuation) a left-padded row of its own."""
         order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0].ids) + len(rows[i][1])))
         out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             keep = max(len(rows[i][1]) for i in idx) + 1  # continuation token t is predicted at t - 1
             inputs, _ = self._batch([rows[i][0].extended(rows[i][1]) for i in idx])
-            if self._keeps_logits:
-                logits = self.model(**inputs, logits_to_keep=keep).logits
-            else:
-                logits = self.model(**inputs).logits[:, -keep:]
-            logprobs = torch.log_softmax(logits[:, -keep:].float(), dim=-1)
+            logprobs = self._logprobs(inputs, keep)
             for row, i in enumerate(idx):
                 cont = rows[i][1]
                 if not cont:
@@ -331,3 +471,160 @@ class TransformersBackend:
             if on_batch is not None:
                 on_batch(len(idx))
         return out
+
+    def _score_questions(self, questions: list[_Question]) -> list[list[tuple[float, int]]]:
+        """Per question, per option: (summed log-probability, token count), from one forward pass.
+
+        A question is one row: its prefix, then each option's own tokens but the last (nothing reads the
+        prediction made after an option's last token), side by side. The attention mask lets an option's
+        tokens see the prefix and the option's earlier tokens, never another option's, and their positions
+        continue the prefix's, so each token sees what it sees in the per-option row. Rows are left-padded.
+        """
+        device = self.device
+        layouts = [_layout(q) for q in questions]
+        width = max(len(ids) for ids, _, _ in layouts)
+        pads = [width - len(row_ids) for row_ids, _, _ in layouts]
+        pad_id = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad_id] * n + row for n, (row, _, _) in zip(pads, layouts, strict=True)])
+        # Per position: -1 padding, 0 the prefix, k + 1 option k's own tokens.
+        segment = torch.tensor([[-1] * n + row for n, (_, row, _) in zip(pads, layouts, strict=True)])
+        positions = torch.tensor([[0] * n + row for n, (_, _, row) in zip(pads, layouts, strict=True)])
+        # Log-probabilities from the first position that predicts a continuation token to the row's end.
+        keep = max(len(row_ids) - q.first + 1 for q, (row_ids, _, _) in zip(questions, layouts, strict=True))
+        inputs = {
+            "input_ids": ids.to(device),
+            "attention_mask": self._option_mask(segment).to(device),
+            "position_ids": positions.to(device),
+        }
+        logprobs = self._logprobs(inputs, keep)
+        vocab = logprobs.shape[-1]
+        # Where each option's per-token log-probabilities lie (flat index into logprobs.view(-1, vocab)),
+        # and the tokens read there, in the continuation's order.
+        at: list[int] = []
+        tokens: list[int] = []
+        places: list[list[int]] = []
+        for r, (q, (row_ids, _, _)) in enumerate(zip(questions, layouts, strict=True)):
+            # The flat index the row's first token would have (positions before first - 1 are not kept).
+            col = r * keep + keep - len(row_ids)
+            start = len(q.prefix)  # where the option's own tokens start in the row
+            for s in q.suffixes:
+                # Continuation tokens inside the prefix and the option's first token: predicted at the
+                # prefix's positions first - 1 .. len(prefix) - 1; the option's later tokens at its own.
+                own = range(col + start, col + start + len(s) - 1)
+                cols = [*range(col + q.first - 1, col + len(q.prefix)), *own]
+                places.append(list(range(len(at), len(at) + len(cols))))
+                at += cols
+                tokens += q.prefix[q.first :] + s
+                start += len(s) - 1
+        flat = logprobs.reshape(-1, vocab)
+        values = flat[torch.tensor(at, device=device), torch.tensor(tokens, device=device)]
+        sums = _row_sums(values, places)
+        out: list[list[tuple[float, int]]] = []
+        o = 0
+        for q in questions:
+            out.append(sums[o : o + len(q.suffixes)])
+            o += len(q.suffixes)
+        return out
+
+    def _option_mask(self, segment: torch.Tensor) -> torch.Tensor:
+        """The 4-D attention mask of packed question rows, in the form the attention implementation takes
+        (boolean for SDPA, additive for eager): causal, and within a row the prefix (segment 0) is seen
+        by all, an option (segment k > 0) only by itself. A padding position sees itself only, so that no
+        softmax row is empty (an empty one gives NaN, which would reach later layers)."""
+        n = segment.shape[1]
+        causal = torch.ones((n, n), dtype=torch.bool).tril()
+        query, key = segment[:, :, None], segment[:, None, :]
+        allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+        allowed |= torch.eye(n, dtype=torch.bool) & (query < 0)
+        allowed = allowed[:, None]  # [rows, heads (broadcast), query, key]
+        if self.model.config.get_text_config()._attn_implementation == "sdpa":
+            return allowed
+        dtype = self.model.dtype
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _row_length(q: _Question) -> int:
+    return len(q.prefix) + sum(len(s) - 1 for s in q.suffixes)
+
+
+def _layout(q: _Question) -> tuple[list[int], list[int], list[int]]:
+    """One question's packed row: token ids, segments (0 prefix, k + 1 option k) and positions."""
+    ids = list(q.prefix)
+    segment = [0] * len(q.prefix)
+    positions = list(range(len(q.prefix)))
+    for k, s in enumerate(q.suffixes):
+        own = s[:-1]
+        ids += own
+        segment += [k + 1] * len(own)
+        positions += range(len(q.prefix), len(q.prefix) + len(own))
+    return ids, segment, positions
+
+
+def _context_key(prompt: PromptLike) -> Any:
+    """The options of one question share their context: keyed by the prompt, an image prompt by identity."""
+    return prompt if isinstance(prompt, str) or not prompt.images else id(prompt)
+
+
+def _separator(context: str) -> str:
+    """Between the rendered context and a continuation: one space, unless the context ends in whitespace."""
+    return "" if not context or context[-1].isspace() else " "
+
+
+def _row_sums(values: torch.Tensor, places: list[list[int]]) -> list[tuple[float, int]]:
+    """(sum, count) of ``values[p]`` for each list of places ``p``, summed as the per-option path sums
+    (``tensor.sum()`` of its 1-D fp32 vector): the rows of a [rows, n] matrix of equal-length vectors sum
+    as each 1-D vector alone (checked in the tests), while zero padding to a common length would change
+    the rounding; hence one matrix per length."""
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(places)
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(places):
+        by_length.setdefault(len(p), []).append(i)
+    for n, idx in by_length.items():
+        matrix = values[torch.tensor([places[i] for i in idx], device=values.device)]
+        for i, total in zip(idx, matrix.sum(-1).tolist(), strict=True):
+            out[i] = (total, n)
+    return out
+
+
+@dataclass(frozen=True)
+class _Question:
+    """The options of one context, split at the longest token prefix they all share.
+
+    ``prefix`` runs once; ``first`` is where the continuations start in it (the context's length);
+    ``suffixes`` are each option's tokens after the prefix, at least one each (the prefix stops one token
+    short of the shortest option, so that every option has a token predicted from the prefix's end).
+    """
+
+    prefix: list[int]
+    first: int
+    suffixes: list[list[int]]
+
+
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    for i, column in enumerate(zip(*seqs, strict=False)):  # stops at the shortest
+        if min(column) != max(column):
+            return i
+    return min(len(s) for s in seqs)
+
+
+def _split_options(context: list[int], continuations: list[list[int]]) -> _Question:
+    """Plan one question: ``continuations`` are non-empty token lists that follow ``context``."""
+    full = [context + c for c in continuations]
+    # Never shorter than the context (the options share it), never the whole of any option.
+    cut = min(_common_prefix_len(full), min(len(f) for f in full) - 1)
+    return _Question(full[0][:cut], len(context), [f[cut:] for f in full])
+
+
+def _pack(sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Consecutive groups of indices whose sizes sum to at most ``limit`` (a larger one alone): questions
+    per batch, so that a batch holds about as many option rows as the per-option path's."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if groups and total + size <= limit:
+            groups[-1].append(i)
+            total += size
+        else:
+            groups.append([i])
+            total = size
+    return groups

@@ -126,6 +126,7 @@ def _plan(spec: StudySpec, tasks: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     interrupts.import_native()  # the input was checked without torch; from here on the work needs it
     _quiet_transformers()
     space = search_space(spec)  # the checkpoints' headers first: they name a missing anchor best
+    space.baseline_params(spec)  # a baseline outside the space's ranges, refused before anything is stored
     check_anchor(spec, tasks)
     build_judges(tasks, spec.data_root)  # checked here, built again by the worker on its device
     return space, items_record(tasks)
@@ -332,9 +333,14 @@ def _reseeded(spec: StudySpec, seed: int) -> Any:
 
 
 def _front_table(rs: Sequence[TrialRecord], directions: dict[str, str], title: str, *, all_baselines: bool = True,
-                 references: dict[str, dict] | None = None) -> Table:
+                 references: dict[str, dict] | None = None, spec: StudySpec | None = None) -> Table:
     """Front trials (*) and baselines; each score as ``search`` or, once validated, ``search / holdout``;
-    a constraint that fails is marked ``!``; the graft's checkpoints (holdout only) at the bottom."""
+    a constraint that fails is marked ``!``; the graft's checkpoints (holdout only) at the bottom. With the
+    ``spec``, a search score that rests on few items (:data:`safesearch.caveats.FEW_ITEMS`) shows its
+    interval and the items beside it."""
+    from safesearch.caveats import FEW_ITEMS, items_judged, with_interval
+
+    objectives = {o.name: o for o in spec.objectives} if spec is not None else {}
     fr = front(rs, directions)
     on_front = {r.number for r in fr}
     shown = sorted({*on_front, *(r.number for r in rs if r.baseline and all_baselines)})
@@ -349,11 +355,20 @@ def _front_table(rs: Sequence[TrialRecord], directions: dict[str, str], title: s
     def cell(search: Any, holdout: Any) -> str:
         return f"{_fmt(search)} / {_fmt(holdout)}" if validated else _fmt(search)
 
+    def objective_cell(r: TrialRecord, name: str, holdout: Any) -> str:
+        value = r.scores.get(name)
+        o = objectives.get(name)
+        n = items_judged(o, r.suites) if o is not None else 0
+        if value is None or not 0 < n < FEW_ITEMS:
+            return cell(value, holdout)
+        shown = with_interval(float(value), n)
+        return f"{shown} / {_fmt(holdout)}" if validated else shown
+
     for number in shown:
         r = by_number[number]
         h = r.holdout or {}
         row = [str(r.number), "*" if number in on_front else "", r.baseline or ""]
-        row += [cell(r.scores.get(n), h.get("scores", {}).get(n)) for n in directions]
+        row += [objective_cell(r, n, h.get("scores", {}).get(n)) for n in directions]
         row += [cell(r.constraint_scores.get(c), h.get("constraint_scores", {}).get(c))
                 + ("" if r.constraints.get(c, 0) <= 0 else " !") for c in cons]
         table.add_row(*row)
@@ -427,9 +442,29 @@ def run_study(spec: StudySpec, storage_url: str | None, device: str | None, arti
     finally:
         w.close()
     rs = records(study)
-    console.print(_front_table(rs, directions, f"study {spec.name}: Pareto front (*) and baselines"))
+    console.print(_front_table(rs, directions, f"study {spec.name}: Pareto front (*) and baselines", spec=spec))
+    _warn(console, _caveats(spec, rs))
     _warn_unretried(study, console)
     return spec, study
+
+
+def _caveats(spec: StudySpec, rs: Sequence[TrialRecord]) -> list[str]:
+    """What the study's numbers would mislead a reader about (:mod:`safesearch.caveats`), the knee read
+    where the picks are made."""
+    from safesearch.caveats import study_caveats
+    from safesearch.pareto import pick_split
+
+    if not rs:
+        return []
+    directions = _directions(spec)
+    pool, split = pick_split(rs, directions)
+    chosen = picks(rs, directions)
+    return study_caveats(spec, rs, knee_number=chosen.numbers["knee"], split=split, picked=pool)
+
+
+def _warn(console: Console, lines: Sequence[str]) -> None:
+    for line in lines:
+        console.print(escape(f"warning: {line}"), highlight=False, soft_wrap=True)
 
 
 # -- reading a study -------------------------------------------------------------------------------------
@@ -511,6 +546,7 @@ def pareto_report(study_name: str, storage_url: str | None, plot: Path | None) -
             for t in unretried_failures(study)
         ],
         "stopped_early": _stopped_early(study),
+        "caveats": _caveats(spec, rs),
     }
 
 
@@ -541,8 +577,9 @@ def pareto(study_name: str, storage_url: str | None, as_json: bool, plot: Path |
     console = Console()
     rs = records(study)
     console.print(_front_table(rs, _directions(spec), f"study {study_name}: Pareto front (*) and baselines",
-                               references=report["references"]))
+                               references=report["references"], spec=spec))
     console.print(report["picks_line"], highlight=False, soft_wrap=True)
+    _warn(Console(stderr=True), report["caveats"])
     if report["stopped_early"]:
         console.print(f"{len(report['stopped_early'])} more trials were stopped early (hopeless after their first "
                       "slice; not on the front)", highlight=False)
@@ -687,21 +724,124 @@ def _note_study_holdout(study: Any, spec: StudySpec) -> None:
     save_study_note(study, with_study_holdout(study_note_of(study), table))
 
 
+EXTRA_ATTR = "extra."  # study user attr extra.<suite@split>.trial.<N>: a front trial's metrics on an extra suite
+
+
+def plan_extra_suites(spec: StudySpec, names: Sequence[str], suites_dir: Path | None, data_root: Path | None,
+                      split: str) -> dict[str, Any]:
+    """The extra suites' tasks (items read, no judge yet), every input checked before any model loads:
+    the names resolve, each suite can form ``split``, its items are read; and where a suite is one the
+    search scored, ``split`` shares no item with the search split (else validation would re-score searched
+    items)."""
+    from safesearch.cli.eval import check_folder_flags
+    from safesearch.search import check_disjoint, prepare_tasks, search_refs
+    from safesearch.studyspec import SuiteRef
+    from safesearch.suites import default_suite_dirs, load_suite
+
+    check_folder_flags(data_root, suites_dir)
+    dirs = default_suite_dirs(suites_dir)
+    if spec.source is not None:
+        dirs.insert(1 if suites_dir is not None else 0, spec.source.resolve().parent)
+    refs = []
+    for name in dict.fromkeys(names):
+        suite = load_suite(name, dirs)
+        suite.check_split(split, "--split")
+        refs.append(SuiteRef(suite, split, None))
+    root = data_root or spec.data_root
+    tasks = prepare_tasks(refs, root, judges=False)
+    searched = prepare_tasks([r for r in search_refs(spec) if r.name in {x.name for x in refs}], spec.data_root,
+                             judges=False)
+    if searched:
+        check_disjoint(searched, tasks)
+    return {"refs": refs, "data_root": root}
+
+
+def score_extra_suites(study_name: str, storage_url: str | None, device: str | None, plan: dict[str, Any],
+                       console: Console) -> dict[int, dict[str, dict[str, Any]]]:
+    """Score the front and the baselines on the planned extra suites (merged in place, no export); stored
+    as study attrs ``extra.<suite@split>.trial.<N>``. Returns trial -> suite key -> metrics."""
+    from safesearch.grafted import open_grafted
+    from safesearch.search import prepare_tasks, run_tasks
+
+    spec, study, _ = _load(study_name, storage_url)
+    rs = _completed(study, study_name)
+    numbers = sorted({r.number for r in front(rs, _directions(spec))} | {r.number for r in rs if r.baseline})
+    by_number = {r.number: r for r in rs}
+    dev = device or spec.device
+    tasks = prepare_tasks(plan["refs"], plan["data_root"], device="cpu" if dev in (None, "auto") else dev)
+    out: dict[int, dict[str, dict[str, Any]]] = {}
+    grafted = open_grafted(spec.graft, backend=spec.backend, device=dev, options=spec.backend_options)
+    try:
+        for i, n in enumerate(numbers):
+            t0 = time.perf_counter()
+            grafted.apply(by_number[n].coefficients)
+            results = run_tasks(grafted.backend, tasks)
+            out[n] = {key: dict(r.metrics) for key, r in results.items()}
+            for key, metrics in out[n].items():
+                study.set_user_attr(f"{EXTRA_ATTR}{key}.trial.{n}", metrics)
+            console.print(f"validate {study_name}: trial {n} on {', '.join(out[n])} "
+                          f"({time.perf_counter() - t0:.0f}s, {i + 1}/{len(numbers)})", highlight=False, soft_wrap=True)
+    finally:
+        grafted.close()
+    return out
+
+
+def _extra_table(spec: StudySpec, rs: Sequence[TrialRecord], scored: dict[int, dict[str, dict[str, Any]]],
+                 refs: Sequence[Any], title: str) -> Table:
+    """A row per trial scored (front *, baselines), a column per extra suite: its metric on n items."""
+    from safesearch.search import task_key
+
+    on_front = {r.number for r in front(rs, _directions(spec))}
+    by_number = {r.number: r for r in rs}
+    table = Table(title=title, title_justify="left")
+    for name in ("trial", "", "baseline"):
+        table.add_column(name, justify="right" if name == "trial" else "left")
+    for ref in refs:
+        table.add_column(f"{ref.name} ({ref.split}) {ref.suite.metric}", justify="right")
+    for n, metrics in sorted(scored.items()):
+        row = [str(n), "*" if n in on_front else "", by_number[n].baseline or ""]
+        for ref in refs:
+            m = metrics.get(task_key(ref), {})
+            value = m.get(ref.suite.metric)
+            row.append(f"{_fmt(value)} (n {m.get('n', 0)})" if value is not None else "-")
+        table.add_row(*row)
+    return table
+
+
 @click.command("validate")
 @click.argument("study_name", metavar="STUDY")
 @storage_option
 @device_option
 @click.option("--no-references", is_flag=True, help="Skip scoring the checkpoints the vectors add (aligned, medical).")
 @click.option("--force", is_flag=True, help="Re-score trials already validated.")
-def validate(study_name: str, storage_url: str | None, device: str | None, no_references: bool, force: bool) -> None:
+@click.option("--suite", "suites", multiple=True, metavar="NAME",
+              help="Also score the front and baselines on this suite (name or YAML path; repeatable), no export.")
+@click.option("--split", default="holdout", show_default=True,
+              help="The split of the --suite suites to score (a suite the search scored must not share items).")
+@click.option("--suites-dir", type=click.Path(path_type=Path), default=None,
+              help="Look --suite names up here first (then the spec's folder, ./objectives, the installed suites).")
+@click.option("--data-root", type=click.Path(path_type=Path), default=None,
+              help="Base of the --suite suites' relative dataset paths [default: the study's data root].")
+def validate(study_name: str, storage_url: str | None, device: str | None, no_references: bool, force: bool,
+             suites: tuple[str, ...], split: str, suites_dir: Path | None, data_root: Path | None) -> None:
     """Re-score the Pareto trials and the baselines of STUDY on the holdout splits; stored in the study."""
     console = Console(stderr=True)
+    plan = None
+    if suites:  # every --suite input checked before any scoring
+        spec, _, _ = _load(study_name, storage_url)
+        plan = plan_extra_suites(spec, suites, suites_dir, data_root, split)
     done = validate_study(study_name, storage_url, device, references=not no_references, force=force,
                           console=console)
     spec, study, _ = _load(study_name, storage_url)
     console.print(f"validated {len(done)} (trials and checkpoints) on holdout")
-    Console().print(_front_table(records(study), _directions(spec), f"study {study_name}: search and holdout",
-                                 references=_references(study)))
+    rs = records(study)
+    Console().print(_front_table(rs, _directions(spec), f"study {study_name}: search and holdout",
+                                 references=_references(study), spec=spec))
+    Console().print(picks(rs, _directions(spec)).describe(), highlight=False, soft_wrap=True)
+    _warn(console, _caveats(spec, rs))
+    if plan is not None:
+        scored = score_extra_suites(study_name, storage_url, device, plan, console)
+        Console().print(_extra_table(spec, rs, scored, plan["refs"], f"study {study_name}: extra suites"))
 
 
 # -- export ----------------------------------------------------------------------------------------------
@@ -722,8 +862,9 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
         raise UserError("export: give either --trial N or --pick " + "|".join(PICKS))
     check_device(device, "--device")
     interrupts.import_native()
+    from safesearch.digests import spec_digests
     from safesearch.export import export_merged
-    from safesearch.merging import Merger
+    from safesearch.streaming import StreamingMerger
 
     _quiet_transformers()
     spec, study, storage = _load(study_name, storage_url)
@@ -740,6 +881,7 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
         Console(stderr=True).print(f"--pick {pick_how}: trial {number}, picked {chosen.where}"
                                    + ("" if chosen.feasible else "; no trial meets the constraints there"),
                                    highlight=False, soft_wrap=True)
+        _warn(Console(stderr=True), _caveats(spec, _completed(study, study_name)))
     else:
         all_trials = study.get_trials(deepcopy=False)
         if not 0 <= trial < len(all_trials):  # type: ignore[operator]
@@ -752,8 +894,10 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
                         "not COMPLETE; only completed trials export")
     record = next(r for r in records(study) if r.number == number)
     _warn_changed_checkpoints(study, spec, Console(stderr=True))
-    merger = Merger.from_spec(spec.graft, device=device or "cpu",
-                              kernel=spec.backend_options.get("kernel", "eager"))
+    digests = spec_digests(spec.graft)  # the provenance hashes, on another core while the merge streams
+    # Merged once, streamed from the checkpoints with the study's kernel: the bytes the study merged.
+    merger = StreamingMerger.from_spec(spec.graft, device=device or "cpu",
+                                       kernel=spec.backend_options.get("kernel", "eager"))
     coefs = merger.parse(record.coefficients, where=f"trial {number}'s coefficients")
     merger.check_bounds(coefs, where=f"trial {number}'s coefficients")
     provenance = {
@@ -777,7 +921,7 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
                       "holdout": study.user_attrs.get(HOLDOUT_ITEMS_ATTR)},
         }
     }
-    path = export_merged(merger, coefs, out, overwrite=overwrite, extra_provenance=provenance)
+    path = export_merged(merger, coefs, out, overwrite=overwrite, extra_provenance=provenance, digests=digests)
     return path, number
 
 
@@ -797,3 +941,8 @@ def export(study_name: str, trial: int | None, pick_how: str | None, out: Path, 
                                 overwrite=overwrite)
     print(f"exported trial {number} of study {study_name} to {path} in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
+    from safesearch.outputs import left_out_note
+
+    note = left_out_note(path)
+    if note:
+        print(note, file=sys.stderr)

@@ -545,6 +545,18 @@ study_edit("zero baseline outside the range", [(("search", "safety", "range"), [
 study_edit("global_lambda names no vector", [(("baselines", "global_lambda", "vector"), "style")], "global_lambda")
 study_edit("global_lambda value outside the range", [(("baselines", "global_lambda", "values"), [3.0])], "values")
 study_edit("global_lambda values empty", [(("baselines", "global_lambda", "values"), [])], "values")
+study_edit("global_lambda grid names no vector", [(("baselines", "global_lambda"), {"grid": {"style": [0.5]}})],
+           "style")
+study_edit("global_lambda grid value outside the range",
+           [(("baselines", "global_lambda"), {"grid": {"safety": [0.5, 9.0]}})], "9.0")
+study_edit("enqueue is not a list", [(("baselines", "enqueue"), {"safety": 0.5})], "enqueue")
+study_edit("enqueue names no vector", [(("baselines", "enqueue"), [{"coefficients": {"style": 0.5}}])], "style")
+study_edit("enqueue value outside the range", [(("baselines", "enqueue"), [{"coefficients": {"safety": 9.0}}])],
+           "9.0")
+study_edit("enqueue group pattern not a regex",
+           [(("baselines", "enqueue"), [{"coefficients": {"safety": {"(": 0.5}}}])], "regular expression")
+study_edit("enqueue label taken twice", [(("baselines", "enqueue"), [
+    {"label": "a", "coefficients": {"safety": 0.5}}, {"label": "a", "coefficients": {"safety": 0.25}}])], "'a'")
 study_edit("sampler unknown", [(("sampler",), "bayes")], "bayes")
 study_edit("sampler option unknown", [(("sampler",), {"name": "tpe", "options": {"n_startup": 3}})], "n_startup")
 study_edit("sampler option of the wrong type", [(("sampler",), {"name": "tpe", "options": {"n_startup_trials": "ten"}})],
@@ -672,6 +684,16 @@ add("pareto", "--plot cannot be written", lambda ws, d: (["pareto", "t", "--stor
 add("validate", "--device unknown", lambda ws, d: (["validate", "t", "--storage", ws.url, "--device", "bogus"], "--device"))
 add("validate", "--device cuda without CUDA", lambda ws, d: (["validate", "t", "--storage", ws.url, "--device", "cuda"],
                                                              "cuda"))
+add("validate", "--suite unknown", lambda ws, d: (["validate", "t", "--storage", ws.url, "--suite", "nosuch-suite"],
+                                                  "nosuch-suite"))
+add("validate", "--suite file is not YAML", lambda ws, d: (["validate", "t", "--storage", ws.url, "--suite",
+                                                            write(d / "s.yaml", "[unclosed")], "s.yaml"))
+add("validate", "--suite split shares searched items", lambda ws, d: (
+    ["validate", "t", "--storage", ws.url, "--suite", "toy-harmful-general", "--split", "search"], "shares"))
+add("validate", "--suites-dir missing", lambda ws, d: (["validate", "t", "--storage", ws.url, "--suite", "toy-benign",
+                                                        "--suites-dir", d / "nope"], "--suites-dir"))
+add("validate", "--data-root is a file", lambda ws, d: (["validate", "t", "--storage", ws.url, "--suite", "toy-benign",
+                                                         "--data-root", write(d / "f.txt", "x")], "--data-root"))
 
 
 def export(name: str, extra: Callable[[Any, Path], list[Any]] | list[Any], named: Any) -> None:
