@@ -160,29 +160,27 @@ class SearchSpace:
     def baseline_params(self, spec: StudySpec) -> list[tuple[str, dict[str, float]]]:
         """(label, params) of the baselines: all zeros, the global-lambda grid, then the other grids and
         the user's own points (``baselines.enqueue``), in the spec's order."""
-        out = []
-        if spec.baselines.zero:
-            out.append(("zero", self._uniform(None, 0.0)))
-        for x in spec.baselines.lambda_values:
-            out.append((f"lambda={x:g}", self._uniform(spec.baselines.lambda_vector, x)))
-        for b in spec.baselines.points:
-            out.append((b.label, self._point(b)))
-        return out
+        b = spec.baselines
+        points = [("baselines.zero", BaselinePoint("zero", ()))] if b.zero else []
+        points += [(f"baselines.global_lambda ({b.lambda_vector} = {x:g})",
+                    BaselinePoint(f"lambda={x:g}", ((b.lambda_vector, None, x),)))
+                   for x in b.lambda_values if b.lambda_vector is not None]
+        points += [(f"baselines {p.label!r}", p) for p in b.points]
+        return [(p.label, self._point(p, where)) for where, p in points]
 
-    def _point(self, b: BaselinePoint) -> dict[str, float]:
-        """The params of a baseline point: each searched group at the point's value; a scaled vector given
-        one value takes it as its scale, factors 1 (per-group values on a scaled vector are refused by the
-        spec). A group the search fixes must be given its fixed value; any value outside its parameter's
-        range is refused rather than clipped."""
-        named = {v: x for v, _, x in b.values}
+    def _point(self, b: BaselinePoint, where: str) -> dict[str, float]:
+        """The params of a baseline point (``where`` names it in errors): each searched group of a vector at
+        the point's value, every vector it does not name at 0; a scaled vector takes the value as its scale,
+        factors 1 (per-group values on a scaled vector are refused by the spec). A group the search fixes
+        keeps its value under one value for the whole vector (as a global lambda sets every searched
+        group), and must be given that value by per-group values that name it; any value outside its
+        parameter's range is refused rather than clipped."""
+        per_group = {v for v, pattern, _ in b.values if pattern is not None}
         for (v, g), fixed in self.fixed.items():
-            if v not in named:
-                continue  # a vector the point does not name keeps its fixed groups, as the other baselines do
-            want = (named[v] if g == "*scale" else 1.0) if v in self.scaled else b.value(v, g)
-            if want != fixed:
-                what = "the scale" if g == "*scale" else f"group {g}" + (" (factor)" if v in self.scaled else "")
-                raise UserError(f"baselines {b.label!r}: {what} of {v} is fixed at {fixed:g} by search.{v}; "
-                                f"the baseline needs {want:g} there")
+            if v in per_group and b.value(v, g) != fixed:
+                raise UserError(f"{where}: group {g} of {v} is fixed at {fixed:g} by search.{v}; "
+                                f"the baseline needs {b.value(v, g):g} there")
+        named = {v: x for v, _, x in b.values}
         params = {}
         for p in self.params:
             if p.vector in self.scaled:
@@ -190,8 +188,8 @@ class SearchSpace:
             else:
                 value = b.value(p.vector, p.group or "")
             if not p.low <= value <= p.high:
-                raise UserError(f"baselines {b.label!r}: parameter {p.name} would be {value:g}, outside its range "
-                                f"[{p.low:g}, {p.high:g}] (widen search.{p.vector} or change the baseline)")
+                raise UserError(f"{where}: parameter {p.name} would be {value:g}, outside its range "
+                                f"[{p.low:g}, {p.high:g}] (widen search.{p.vector} or drop the baseline)")
             params[p.name] = value
         return params
 
@@ -212,24 +210,6 @@ class SearchSpace:
                     row[p.group] = peak(p)
             out[v] = {g: scale * c for g, c in row.items()}
         return out
-
-    def _uniform(self, vector: str | None, x: float) -> dict[str, float]:
-        """Every searched group of ``vector`` at ``x``, every other vector at 0 (fixed groups keep their
-        value); a baseline outside a parameter's range is refused rather than clipped."""
-        params = {}
-        for p in self.params:
-            if p.vector in self.scaled:
-                value = (x if p.vector == vector else 0.0) if p.group is None else 1.0
-            else:
-                value = x if p.vector == vector else 0.0
-            if not p.low <= value <= p.high:
-                which = "zero" if vector is None else f"global_lambda ({vector} = {x:g})"
-                raise UserError(
-                    f"baselines.{which}: parameter {p.name} would be {value:g}, outside its range "
-                    f"[{p.low:g}, {p.high:g}] (widen search.{p.vector} or drop the baseline)"
-                )
-            params[p.name] = value
-        return params
 
 
 def build_space(spec: StudySpec, groups: Mapping[str, Sequence[str]], active: Mapping[str, Sequence[str]]) -> SearchSpace:

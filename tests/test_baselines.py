@@ -96,6 +96,15 @@ def test_a_point_outside_a_group_range_is_refused_with_its_label(tmp_path: Path)
     spec = study_spec_from_dict(d)
     with pytest.raises(UserError, match=r"baselines 'mine': group head of safety is fixed at 0.5"):
         build_space(spec, GROUPS, GROUPS).baseline_params(spec)
+    # One value for the whole vector sets its searched groups and leaves a fixed one as the search fixed
+    # it, whichever form the global lambda takes.
+    for lam in ({"vector": "safety", "values": [0.75]}, {"grid": {"safety": [0.75]}}):
+        d["baselines"] = {"zero": False, "global_lambda": lam}
+        spec = study_spec_from_dict(d)
+        space = build_space(spec, GROUPS, GROUPS)
+        ((_, params),) = space.baseline_params(spec)
+        assert "safety.head" not in params and params["safety.layer.0"] == 0.75
+        assert space.coefficients(params)["safety"]["head"] == 0.5
 
 
 def test_a_study_runs_its_own_points_first(toyworld_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
