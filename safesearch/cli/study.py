@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -727,8 +728,17 @@ def _note_study_holdout(study: Any, spec: StudySpec) -> None:
 EXTRA_ATTR = "extra."  # study user attr extra.<suite@split>.trial.<N>: a front trial's metrics on an extra suite
 
 
+@dataclass(frozen=True)
+class ExtraSuites:
+    """What ``validate --suite`` scores: the suites' tasks, items read and checked (judges built when
+    scoring), and the data root their judges resolve against."""
+
+    tasks: dict[str, Any]  # task key -> safesearch.search.Task
+    data_root: Path
+
+
 def plan_extra_suites(spec: StudySpec, names: Sequence[str], suites_dir: Path | None, data_root: Path | None,
-                      split: str) -> dict[str, Any]:
+                      split: str) -> ExtraSuites:
     """The extra suites' tasks (items read, no judge yet), every input checked before any model loads:
     the names resolve, each suite can form ``split``, its items are read; and where a suite is one the
     search scored, ``split`` shares no item with the search split (else validation would re-score searched
@@ -753,22 +763,22 @@ def plan_extra_suites(spec: StudySpec, names: Sequence[str], suites_dir: Path | 
                              judges=False)
     if searched:
         check_disjoint(searched, tasks)
-    return {"refs": refs, "data_root": root}
+    return ExtraSuites(tasks, root)
 
 
-def score_extra_suites(study_name: str, storage_url: str | None, device: str | None, plan: dict[str, Any],
+def score_extra_suites(study_name: str, storage_url: str | None, device: str | None, plan: ExtraSuites,
                        console: Console) -> dict[int, dict[str, dict[str, Any]]]:
     """Score the front and the baselines on the planned extra suites (merged in place, no export); stored
     as study attrs ``extra.<suite@split>.trial.<N>``. Returns trial -> suite key -> metrics."""
     from safesearch.grafted import open_grafted
-    from safesearch.search import prepare_tasks, run_tasks
+    from safesearch.search import build_judges, run_tasks
 
     spec, study, _ = _load(study_name, storage_url)
     rs = _completed(study, study_name)
     numbers = sorted({r.number for r in front(rs, _directions(spec))} | {r.number for r in rs if r.baseline})
     by_number = {r.number: r for r in rs}
     dev = device or spec.device
-    tasks = prepare_tasks(plan["refs"], plan["data_root"], device="cpu" if dev in (None, "auto") else dev)
+    tasks = build_judges(plan.tasks, plan.data_root, device="cpu" if dev in (None, "auto") else dev)
     out: dict[int, dict[str, dict[str, Any]]] = {}
     grafted = open_grafted(spec.graft, backend=spec.backend, device=dev, options=spec.backend_options)
     try:
@@ -787,22 +797,20 @@ def score_extra_suites(study_name: str, storage_url: str | None, device: str | N
 
 
 def _extra_table(spec: StudySpec, rs: Sequence[TrialRecord], scored: dict[int, dict[str, dict[str, Any]]],
-                 refs: Sequence[Any], title: str) -> Table:
+                 plan: ExtraSuites, title: str) -> Table:
     """A row per trial scored (front *, baselines), a column per extra suite: its metric on n items."""
-    from safesearch.search import task_key
-
     on_front = {r.number for r in front(rs, _directions(spec))}
     by_number = {r.number: r for r in rs}
     table = Table(title=title, title_justify="left")
     for name in ("trial", "", "baseline"):
         table.add_column(name, justify="right" if name == "trial" else "left")
-    for ref in refs:
-        table.add_column(f"{ref.name} ({ref.split}) {ref.suite.metric}", justify="right")
+    for t in plan.tasks.values():
+        table.add_column(f"{t.suite.name} ({t.suite.dataset.split}) {t.suite.metric}", justify="right")
     for n, metrics in sorted(scored.items()):
         row = [str(n), "*" if n in on_front else "", by_number[n].baseline or ""]
-        for ref in refs:
-            m = metrics.get(task_key(ref), {})
-            value = m.get(ref.suite.metric)
+        for key, t in plan.tasks.items():
+            m = metrics.get(key, {})
+            value = m.get(t.suite.metric)
             row.append(f"{_fmt(value)} (n {m.get('n', 0)})" if value is not None else "-")
         table.add_row(*row)
     return table
@@ -841,7 +849,7 @@ def validate(study_name: str, storage_url: str | None, device: str | None, no_re
     _warn(console, _caveats(spec, rs))
     if plan is not None:
         scored = score_extra_suites(study_name, storage_url, device, plan, console)
-        Console().print(_extra_table(spec, rs, scored, plan["refs"], f"study {study_name}: extra suites"))
+        Console().print(_extra_table(spec, rs, scored, plan, f"study {study_name}: extra suites"))
 
 
 # -- export ----------------------------------------------------------------------------------------------
