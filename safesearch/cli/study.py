@@ -884,12 +884,13 @@ def export_trial(study_name: str, storage_url: str | None, out: Path, *, trial: 
     directions = _directions(spec)
     pick_split = None
     if pick_how is not None:
-        chosen = picks(_completed(study, study_name), directions)
+        completed = _completed(study, study_name)  # read once: the picks and the caveats
+        chosen = picks(completed, directions)
         number, pick_split = chosen.numbers[pick_how], chosen.split
         Console(stderr=True).print(f"--pick {pick_how}: trial {number}, picked {chosen.where}"
                                    + ("" if chosen.feasible else "; no trial meets the constraints there"),
                                    highlight=False, soft_wrap=True)
-        _warn(Console(stderr=True), _caveats(spec, _completed(study, study_name)))
+        _warn(Console(stderr=True), _caveats(spec, completed))
     else:
         all_trials = study.get_trials(deepcopy=False)
         if not 0 <= trial < len(all_trials):  # type: ignore[operator]
