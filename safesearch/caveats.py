@@ -84,7 +84,7 @@ def _suites(r: TrialRecord, holdout: bool) -> Mapping[str, Mapping[str, Any]]:
 
 
 def _directions(spec: StudySpec) -> dict[str, str]:
-    return {o.name: o.direction for o in spec.objectives}
+    return spec.objective_directions
 
 
 def no_safety_gain(spec: StudySpec, rs: Sequence[TrialRecord]) -> str | None:

@@ -520,7 +520,7 @@ def ensure_study(
         try:
             study.set_user_attr(SPEC_ATTR, spec.to_dict())
             name_metrics(study, spec)
-            study.set_user_attr("objectives", {o.name: o.direction for o in spec.objectives})
+            study.set_user_attr("objectives", spec.objective_directions)
             study.set_user_attr("sampler", spec.sampler.name)
             study.set_user_attr(SEARCH_ITEMS_ATTR, dict(searched) if searched is not None else search_items(spec))
             for label, params in space.baseline_params(spec):
@@ -651,7 +651,7 @@ def current_front(study: optuna.Study, spec: StudySpec) -> list[tuple[int, dict[
     early stopping compares a trial with (nothing while no trial is feasible)."""
     from safesearch.pareto import front, records
 
-    directions = {o.name: o.direction for o in spec.objectives}
+    directions = spec.objective_directions
     # Holdout scores play no part: the study's attrs (its spec, every validated score) are not read.
     feasible = [r for r in records(study, holdout=False) if r.feasible and r.scores]
     return [(r.number, r.scores) for r in front(feasible, directions)]

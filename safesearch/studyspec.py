@@ -274,6 +274,11 @@ class StudySpec:
         return self.sampler.name == "cmaes-weighted"
 
     @property
+    def objective_directions(self) -> dict[str, str]:
+        """Objective name -> ``maximize`` | ``minimize``, in the spec's order (what the front reads)."""
+        return {o.name: o.direction for o in self.objectives}
+
+    @property
     def directions(self) -> list[str]:
         return ["maximize"] if self.single_objective else [o.direction for o in self.objectives]
 

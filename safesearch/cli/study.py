@@ -382,7 +382,7 @@ def _front_table(rs: Sequence[TrialRecord], directions: dict[str, str], title: s
 
 
 def _directions(spec: StudySpec) -> dict[str, str]:
-    return {o.name: o.direction for o in spec.objectives}
+    return spec.objective_directions
 
 
 @click.command("run")
