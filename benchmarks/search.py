@@ -8,8 +8,9 @@ The overhead is everything but the evaluation; the goal is at most 10% of a 0.5 
 
 Each storage is run twice over, in the same rounds: ``batched``, the worker as it is (a trial's writes in
 one transaction each time it writes, :mod:`safesearch.batch`), and ``per-call``, the writes as Optuna's
-own calls make them, one transaction each, and ``next_trial`` reading the study again after each ask
-(what the worker did before ``safesearch.batch``; the same stored trials, ``tests/test_batch.py``). ``--count`` also counts, per trial, the database transactions
+own calls make them, one transaction each, ``next_trial`` counting the trials by reading them all,
+asking with ``study.ask()`` and reading the study again after each ask (what the worker did before
+``safesearch.batch`` and the counting query; the same stored trials, ``tests/test_batch.py``). ``--count`` also counts, per trial, the database transactions
 (commits) and SQL statements by step and storage call (SQLAlchemy events on each storage's engine).
 
 Run: ``.venv/bin/python benchmarks/search.py [--world storage/toyworld] [--trials 20] [--count]``
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20, help="Trials per storage and way (baselines included).")
     ap.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     ap.add_argument("--only", choices=MODES, default=None, help="Run one way only.")
+    ap.add_argument("--storage", choices=("sqlite", "postgresql"), default=None, help="Run one storage only.")
     ap.add_argument("--count", action="store_true", help="Count transactions and statements per trial.")
     ap.add_argument("--full-splits", action="store_true",
                     help="Score every item of the search splits (the toy spec scores seeded subsets).")
@@ -85,6 +87,8 @@ def main() -> None:
     worker = open_worker(spec, device="cpu", space=space)
 
     urls = {"sqlite": f"sqlite:///{storage_dir / 'bench.db'}", "postgresql": args.postgres}
+    if args.storage:
+        urls = {args.storage: urls[args.storage]}
     modes = (args.only,) if args.only else MODES
     runs = [(kind, mode) for kind in urls for mode in modes]
     studies, stores = {}, {}
@@ -113,8 +117,8 @@ def main() -> None:
             optuna.delete_study(study_name=study.study_name, storage=study._storage)
         worker.close()
 
-    print(f"\nmedian seconds per trial over {args.trials} trials (SQLite {urls['sqlite']}, PostgreSQL "
-          f"{mask_url(urls['postgresql'])})")
+    where = ", ".join(f"{'SQLite' if k == 'sqlite' else 'PostgreSQL'} {mask_url(u)}" for k, u in urls.items())
+    print(f"\nmedian seconds per trial over {args.trials} trials ({where})")
     print(f"{'':22}" + "".join(f"{p:>9}" for p in PARTS) + f"{'outside eval':>14}{'of 0.5 s':>10}")
     fixed = {}
     for run, outs in outcomes.items():
@@ -145,13 +149,16 @@ def _writes(mode: str) -> Iterator[None]:
     if mode == "batched":
         yield
         return
-    saved = search_module.batched, search_module.tell, storage_module.next_trial
+    saved = (search_module.batched, search_module.tell, storage_module.next_trial, storage_module.count_states,
+             storage_module._ask)
     search_module.batched, search_module.tell = _per_call, _study_tell
     storage_module.next_trial = _next_trial_reading_again
+    storage_module.count_states, storage_module._ask = _count_reading_trials, _study_ask
     try:
         yield
     finally:
-        search_module.batched, search_module.tell, storage_module.next_trial = saved
+        (search_module.batched, search_module.tell, storage_module.next_trial, storage_module.count_states,
+         storage_module._ask) = saved
 
 
 class _PerCall:
@@ -182,6 +189,19 @@ def _next_trial_reading_again(study: optuna.Study, *args: Any, **kwargs: Any) ->
     if trial is not None:
         study.get_trials(deepcopy=False, states=storage_module._CLAIMED)
     return trial
+
+
+def _count_reading_trials(study: optuna.Study) -> dict[Any, int]:
+    """``count_states`` as it was: the study's trials read and counted (now one GROUP BY query)."""
+    counts = dict.fromkeys(optuna.trial.TrialState, 0)
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] += 1
+    return counts
+
+
+def _study_ask(study: optuna.Study, waiting: int) -> optuna.Trial:
+    """The ask as it was: ``study.ask()``, which reads the WAITING trials even when none was counted."""
+    return study.ask()
 
 
 def _study_tell(study: optuna.Study, trial: optuna.Trial, values: Any = None, state: Any = None) -> None:
@@ -255,8 +275,8 @@ def _where(frame: Any) -> tuple[str, str]:
             call = "safesearch.batch." + code.co_name
             if step is None and code.co_name == "flush":
                 step = "suggest" if frame.f_locals.get("params") else "record"
-        elif file.endswith("safesearch/storage.py") and code.co_name == "never_beaten":
-            call = "never_beaten"
+        elif file.endswith("safesearch/storage.py") and code.co_name in ("never_beaten", "count_states"):
+            call = "safesearch.storage." + code.co_name
         if step is None and code.co_name in _STEPS and ("safesearch" in file or "optuna" in file):
             step = _STEPS[code.co_name]
         frame = frame.f_back

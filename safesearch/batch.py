@@ -6,8 +6,9 @@ of them (``benchmarks/search.py --count``; PostgreSQL counted 78, pre-pings incl
 suggested (ten), per user attr (six), three for one constraint (Optuna's ``set_constraint`` reads the
 trial's system attrs before it writes), six for optuna-dashboard's note (its ``save_note`` reads every
 system attr of the study twice, a read that grows with the study: every trial's note is kept there) and
-one for the responses artifact. With :func:`batched` it makes 12.6 (27 as PostgreSQL counts them), and
-the time outside evaluation on PostgreSQL fell from 104 to 54 ms a trial.
+one for the responses artifact. With :func:`batched`, :func:`tell` (no reads of the trial) and
+``next_trial``'s counting query, a trial makes 8.8 transactions where it made 41, and the time outside
+evaluation on PostgreSQL fell from 120 to 45 ms a trial (README, "Benchmarks").
 
 :func:`batched` makes each such run of writes one transaction:
 
@@ -39,12 +40,13 @@ RDBStorage; a database other than SQLite and PostgreSQL) every call goes through
 :func:`save_note` is optuna-dashboard's ``save_note`` for a trial or the study in one transaction that
 reads only that note's own keys (``dashboard:<trial id>:note_ver``, ``dashboard:<trial id>:note_str:<i>``,
 or the study's), writing the same keys and values the dashboard's would. :func:`tell` is ``study.tell``
-without its return value, which costs a second read of the trial.
+without its reads of the trial.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import sqlite3
@@ -190,15 +192,52 @@ class _TrialRef:
 
 def tell(study: optuna.Study, trial: optuna.Trial, values: Sequence[float] | None = None,
          state: TrialState | None = None) -> None:
-    """``study.tell(trial, values, state)``, less the copy of the told trial it returns: that copy is a
-    second read of the trial from the storage (a RUNNING trial is not cached), which a caller that
-    ignores it need not pay. Same checks, same sampler call, same write."""
+    """``study.tell(trial, values, state)`` without its two reads of the trial (a RUNNING trial is not
+    cached: each is a transaction of six queries).
+
+    Optuna's tell reads the trial to check it is RUNNING and to hand the sampler's ``after_trial`` the
+    trial as stored, and reads it again for the copy it returns. Here the trial as stored is the one
+    this process holds: read when it was asked, kept up to date by Optuna's own ``Trial`` methods and by
+    :func:`batched` (every write to a RUNNING trial goes through one of them), so it is handed to the
+    sampler as it is. On a storage whose writes are not batched, Optuna's read stays. The RUNNING check is the write's own: a trial another worker failed meanwhile
+    raises ``UpdateFinishedTrialError`` there (Optuna's read would raise a ValueError first). The other
+    checks, the sampler call and the write are Optuna's."""
     try:
         from optuna.study._tell import _tell_with_warning
     except ImportError:  # another Optuna: its own tell
         study.tell(trial, values, state)
         return
-    _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state, skip_if_finished=False)
+    storage = study._storage
+    if _rdb_of(storage)[0] is None:  # writes not batched (a storage proxy): the held trial may lack some
+        _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state, skip_if_finished=False)
+        return
+    held = copy.copy(trial._cached_frozen_trial)
+    # Attrs as stored: through JSON (a Trial caches the value it was given, e.g. a dict with int keys).
+    held.user_attrs = {k: json.loads(json.dumps(v)) for k, v in held.user_attrs.items()}
+    held.system_attrs = {k: json.loads(json.dumps(v)) for k, v in held.system_attrs.items()}
+    held.params, held.distributions = dict(held.params), dict(held.distributions)
+    held.intermediate_values = dict(held.intermediate_values)
+    study._storage = _Known(storage, trial._trial_id, held)  # type: ignore[assignment]
+    try:
+        _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state, skip_if_finished=False)
+    finally:
+        study._storage = storage
+
+
+class _Known:
+    """A storage whose ``get_trial`` of one trial returns that trial as this process holds it (once)."""
+
+    def __init__(self, storage: Any, trial_id: int, frozen: optuna.trial.FrozenTrial) -> None:
+        self._ss_storage, self._ss_trial_id, self._ss_frozen = storage, trial_id, frozen
+
+    def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
+        frozen, self._ss_frozen = self._ss_frozen, None
+        if trial_id == self._ss_trial_id and frozen is not None:
+            return frozen
+        return self._ss_storage.get_trial(trial_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ss_storage, name)
 
 
 class TrialBatch:
@@ -333,11 +372,12 @@ class TrialBatch:
         else:
             _run(rdb, write)
         self._params, self._user, self._system, self._notes = [], {}, {}, []
+        # The trial as this process holds it (Optuna's Trial keeps its params, user attrs and constraints)
+        # gets the other system attrs written (a sampler's, an artifact's) too: tell hands it to the sampler.
+        held = self.trial._cached_frozen_trial.system_attrs
         for k, (_, if_absent, value) in system.items():
-            if not if_absent:
-                continue
-            if new_constraints is not None and k in new_constraints:
-                self.trial._cached_frozen_trial.system_attrs[k] = value
+            if not if_absent or (new_constraints is not None and k in new_constraints):
+                held[k] = value
             else:
                 _warn_constraint_set(k.split(":", 1)[1])
 

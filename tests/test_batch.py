@@ -237,3 +237,60 @@ def test_storages_that_cannot_batch_take_each_call() -> None:
     assert done.state == TrialState.COMPLETE and done.constraints == {"c": 0.5}
     assert trial_note_of(study, done._trial_id) == "a note"
     assert json.dumps(done.params) == json.dumps({"x": trial.params["x"]})
+
+
+class _Watching(optuna.samplers.TPESampler):
+    """TPE that keeps, at each after_trial, the trial it is handed and the trial as stored at that moment."""
+
+    seen: list[tuple[optuna.trial.FrozenTrial, optuna.trial.FrozenTrial]]
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        rdb = study._storage
+        while hasattr(rdb, "_ss_storage"):  # past tell's own view of the storage
+            rdb = rdb._ss_storage
+        self.seen.append((trial, rdb.get_trial(trial._trial_id)))
+        super().after_trial(study, trial, state, values)
+
+
+def test_tell_hands_the_sampler_the_trial_as_stored(storage: Any, tmp_path: Path) -> None:
+    """tell skips Optuna's read of the trial: what the sampler's after_trial is handed instead, the trial as
+    the worker holds it, is the trial as stored, system attrs written within a batch included (a
+    constraint, the dashboard's constraint list, an artifact's record, the sampler's own)."""
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    sampler = _Watching(seed=0, multivariate=True, constant_liar=True, n_startup_trials=2)
+    sampler.seen = []
+    study = _study(storage, sampler=sampler)
+    study.enqueue_trial({"v.g0": 0.25}, user_attrs={"baseline": "fixed"})
+    (tmp_path / "artifacts").mkdir()
+    store = FileSystemArtifactStore(str(tmp_path / "artifacts"))
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    for n in range(5):
+        _trial(study, True, n)
+    trial = study.ask()
+    with batched(study, trial) as b:
+        trial.suggest_float("v.g0", -1.0, 1.0)
+        b.set_constraint("over_refusal", 0.1)
+        upload_artifact(artifact_store=store, file_path=str(tmp_path / "rows.jsonl"), study_or_trial=trial)
+    tell(study, trial, state=TrialState.PRUNED)
+    assert len(sampler.seen) == 6
+    for handed, stored in sampler.seen:
+        assert handed == stored and handed.system_attrs == stored.system_attrs
+        assert handed.user_attrs == stored.user_attrs and handed.datetime_start == stored.datetime_start
+    assert any(k.startswith("artifacts:") for k in sampler.seen[-1][0].system_attrs)
+    assert sampler.seen[0][0].system_attrs.get("fixed_params") == {"v.g0": 0.25}
+    assert study.trials[-1].state == TrialState.PRUNED
+
+
+def test_tell_of_a_trial_another_worker_failed_raises_update_finished(storage: Any) -> None:
+    """The trial's state is checked by the write itself: a trial failed meanwhile (stale, by another
+    worker) raises UpdateFinishedTrialError, which the worker takes as "its retry runs in its place"."""
+    study = _study(storage)
+    trial = study.ask()
+    with batched(study, trial):
+        trial.suggest_float("x", 0.0, 1.0)
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        tell(study, trial, [1.0, 1.0])
+    assert study.trials[0].state == TrialState.FAIL

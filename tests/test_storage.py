@@ -266,14 +266,14 @@ def test_a_trial_created_between_the_count_and_the_ask_is_counted(tmp_path: Path
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=None)
     study = open_study(storage, "race", ["maximize"])
     held = [study.ask()]  # another worker's running trial: 1 of the budget of 2
-    ask = study.ask
+    create = study._storage.create_new_trial
 
-    def racing_ask(*args: Any, **kwargs: Any) -> Any:
-        study.ask = ask  # type: ignore[method-assign]
-        held.append(ask())  # a third worker got there first
-        return ask(*args, **kwargs)
+    def racing_create(*args: Any, **kwargs: Any) -> Any:
+        study._storage.create_new_trial = create  # type: ignore[method-assign]
+        held.append(study.ask())  # a third worker got there first
+        return create(*args, **kwargs)
 
-    study.ask = racing_ask  # type: ignore[method-assign]
+    study._storage.create_new_trial = racing_create  # type: ignore[method-assign]
     assert next_trial(study, 2) is None
     (refused,) = study.get_trials(states=(TrialState.FAIL,))
     assert refused.system_attrs[SURPLUS_ATTR] is True and refused.number == 2
@@ -325,3 +325,31 @@ def test_sqlite_store_runs_in_wal_mode(tmp_path: Path) -> None:
     with storage.engine.connect() as conn:
         assert conn.execute(sa.text("pragma journal_mode")).scalar_one() == "wal"
         assert conn.execute(sa.text("pragma synchronous")).scalar_one() == 1  # NORMAL
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "in-memory"])
+def test_count_states_counts_what_the_study_holds(kind: str, postgres_url: str, tmp_path: Path) -> None:
+    """count_states' one GROUP BY query on a database (the trials read and counted elsewhere) agrees
+    with the study's trials, state by state, zeros included; and next_trial's ask still takes an
+    enqueued trial first."""
+    url = {"sqlite": f"sqlite:///{tmp_path / 's.db'}", "postgresql": postgres_url}.get(kind)
+    storage = optuna.storages.InMemoryStorage() if url is None else open_storage(url, heartbeat_interval=None)
+    name = f"count-{uuid.uuid4().hex[:8]}"
+    study = open_study(storage, name, ["maximize"])
+    try:
+        for state in (TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
+            study.tell(study.ask(), 1.0 if state == TrialState.COMPLETE else None, state=state)
+        study.ask()  # RUNNING
+        study.enqueue_trial({})  # WAITING
+        expected = dict.fromkeys(TrialState, 0)
+        for t in study.get_trials(deepcopy=False):
+            expected[t.state] += 1
+        assert count_states(study) == expected
+        assert expected[TrialState.WAITING] == 1 and expected[TrialState.COMPLETE] == 2
+        picked = next_trial(study, 10)
+        assert picked is not None and picked.number == 5  # the enqueued one, not a new trial
+        assert count_states(study)[TrialState.WAITING] == 0 and len(study.get_trials()) == 6
+        assert next_trial(study, 10).number == 6  # none waiting: a new trial
+    finally:
+        if url == postgres_url:
+            optuna.delete_study(study_name=name, storage=storage)
