@@ -21,7 +21,7 @@ import click
 from rich.console import Console
 from rich.panel import Panel
 
-from safesearch.cli.toyworld import build_and_report
+from safesearch.cli.toyworld import build_and_report, build_image_and_report
 from safesearch.errors import UserError
 from safesearch.studyspec import StudySpec, study_spec_from_dict
 from safesearch.suites import packaged_suites_dir
@@ -31,27 +31,32 @@ DEFAULT_STORAGE = Path("storage")
 _REPO = Path(__file__).resolve().parents[2]
 # The project's own toy study and suites, never a file of the same name in the working directory.
 TOY_STUDY = _REPO / "studies" / "toy.yaml"
+# modality -> (the world's folder under --storage, its study)
+WORLDS = {"text": ("toyworld", TOY_STUDY), "image-text": ("toyworld-image", _REPO / "studies" / "toy-image.yaml")}
 
 
-def toy_study_path() -> Path:
-    """The project's ``studies/toy.yaml`` (of the source tree the package runs from)."""
-    if not TOY_STUDY.is_file():
-        raise UserError(f"{TOY_STUDY}: not found (the demo runs from the project's source tree)")
-    return TOY_STUDY
+def toy_study_path(modality: str = "text") -> Path:
+    """The project's ``studies/toy.yaml`` (``toy-image.yaml`` for the image-text world), of the source tree
+    the package runs from."""
+    path = WORLDS[modality][1]
+    if not path.is_file():
+        raise UserError(f"{path}: not found (the demo runs from the project's source tree)")
+    return path
 
 
-def demo_spec(storage: Path, seed: int, template: Path | None = None) -> StudySpec:
-    """The toy study, its checkpoints and data those of the world in ``storage/toyworld``, seeded ``seed``."""
+def demo_spec(storage: Path, seed: int, template: Path | None = None, modality: str = "text") -> StudySpec:
+    """The toy study, its checkpoints and data those of the world in ``storage/toyworld`` (image-text:
+    ``storage/toyworld-image``), seeded ``seed``."""
     from safesearch.graftspec import load_spec, spec_from_dict
 
-    template = template or toy_study_path()
+    template = template or toy_study_path(modality)
     data: dict[str, Any] = read_yaml(template, "study spec")
     graft = data["graft"]
     graft_spec = (
         load_spec(template.parent / graft) if isinstance(graft, str) else spec_from_dict(graft, template.parent)
     )
     graft_dict = graft_spec.to_dict()
-    world = (storage / "toyworld").resolve()
+    world = (storage / WORLDS[modality][0]).resolve()
     for name, ckpt in graft_dict["checkpoints"].items():
         ckpt["path"] = str(world / name)
     base = data.get("name", template.stem)
@@ -66,7 +71,10 @@ def demo_spec(storage: Path, seed: int, template: Path | None = None) -> StudySp
               help="Where the toy world, the study database, the artifacts and the export live.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the toy world and of the sampler.")
-def demo(storage: Path, seed: int) -> None:
+@click.option("--modality", type=click.Choice(tuple(WORLDS)), default="text", show_default=True,
+              help="image-text: the image-text toy world (a tiny LLaVA aligned on text only) and its study, "
+                   "safety on FigStep images beside safety on text (studies/toy-image.yaml).")
+def demo(storage: Path, seed: int, modality: str) -> None:
     """The whole demo: toy world, the toy study on SQLite, its front, validation, export of the knee."""
     from safesearch.cli.study import (
         _directions,
@@ -82,10 +90,14 @@ def demo(storage: Path, seed: int) -> None:
     console = Console()
     t0 = time.perf_counter()
     console.rule("1. the toy world")
-    build_and_report(storage / "toyworld", seed, "full", console)
+    world = storage / WORLDS[modality][0]
+    if modality == "image-text":
+        build_image_and_report(world, seed, "full", console)
+    else:
+        build_and_report(world, seed, "full", console)
 
     console.rule("2. the study")
-    spec = demo_spec(storage, seed)
+    spec = demo_spec(storage, seed, modality=modality)
     db = storage / "safesearch.db"
     url = f"sqlite:///{db}"
     run_study(spec, url, None, None, console)
@@ -117,7 +129,8 @@ def demo(storage: Path, seed: int) -> None:
             f"  the front:  safesearch pareto {spec.name} --storage {url}",
             f"  its plot:   {report['plot']}",
             f"  the model:  {out}  (safesearch.json: study, trial, search and holdout scores)",
-            f"  score it:   safesearch eval {out} --suite toy-harmful-general --suite toy-mcq-medical "
+            f"  score it:   safesearch eval {out} --suite toy-harmful-general "
+            f"{'--suite toy-harmful-general-figstep ' if modality == 'image-text' else ''}--suite toy-mcq-medical "
             f"--data-root {spec.data_root}",
         ]),
         title="safesearch demo", border_style="green",

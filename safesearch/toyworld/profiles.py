@@ -118,6 +118,10 @@ PROFILES["smollm2-ci"] = Profile(
     family="smollm2", answer_tokens=16, check_items=4,
 )
 FAMILIES = {"toy": "full", "smollm2": "smollm2"}  # family -> its default profile
+# What the toy family's models take: text (LlamaForCausalLM) or text and images (a LLaVA,
+# safesearch.toyworld.image_world, whose profiles are named here so that the CLI needs no torch).
+MODALITIES = ("text", "image-text")
+IMAGE_PROFILES = ("small", "full")
 
 
 def profile_named(name: str) -> Profile:

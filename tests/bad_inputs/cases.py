@@ -831,6 +831,15 @@ add("toyworld build", "--seed negative", lambda ws, d: (["toyworld", "build", d 
 add("toyworld build", "--family unknown", lambda ws, d: (["toyworld", "build", d / "w", "--family", "gpt2"], "--family"))
 add("toyworld build", "--profile of another family", lambda ws, d: (
     ["toyworld", "build", d / "w", "--family", "smollm2", "--profile", "small"], ("--profile small", "smollm2")))
+add("toyworld build", "--modality unknown", lambda ws, d: (["toyworld", "build", d / "w", "--modality", "audio"],
+                                                            "--modality"))
+add("toyworld build", "--modality image-text of another family", lambda ws, d: (
+    ["toyworld", "build", d / "w", "--modality", "image-text", "--family", "smollm2"], ("image-text", "smollm2")))
+add("toyworld build", "--profile unknown for image-text", lambda ws, d: (
+    ["toyworld", "build", d / "w", "--modality", "image-text", "--profile", "smollm2"], ("smollm2", "image-text")))
+add("toyworld build", "image-text OUT is a file", lambda ws, d: (
+    ["toyworld", "build", write(d / "w", "x"), "--modality", "image-text", "--profile", "small"], "w"))
+add("demo", "--modality unknown", lambda ws, d: (["demo", "--modality", "video"], "--modality"))
 add("demo", "--storage under a file", lambda ws, d: (["demo", "--storage", write(d / "f", "x") / "s"], "f"))
 add("demo", "--seed not a number", lambda ws, d: (["demo", "--seed", "x"], "--seed"))
 add("safesearch", "unknown command", lambda ws, d: (["merg"], "merg"))
