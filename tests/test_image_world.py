@@ -159,3 +159,11 @@ def test_the_image_study_runs_validates_and_reports_the_figstep_front(
     assert {b["baseline"] for b in report["baselines"]} >= {"lambda=0.5", "lambda=1"}, report["baselines"]
     for row in report["front"] + report["baselines"]:
         assert {"safety_text", "safety_figstep", "medical"} <= set(row["holdout"]["scores"]), row
+
+
+def test_the_cli_names_the_profiles_the_build_has() -> None:
+    """The CLI lists image-text profiles without importing torch; the names must be the build's."""
+    from safesearch.toyworld import profiles
+    from safesearch.toyworld.image_world import IMAGE_PROFILES
+
+    assert set(profiles.IMAGE_PROFILES) == set(IMAGE_PROFILES)

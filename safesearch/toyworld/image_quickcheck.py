@@ -23,7 +23,7 @@ from pathlib import Path
 from safesearch.backends.base import Prompt
 from safesearch.backends.transformers import TransformersBackend
 from safesearch.judges import KeywordJudge
-from safesearch.prompts import mcq_answer_text, mcq_user_text
+from safesearch.prompts import mcq_user_text
 from safesearch.toyworld import world
 from safesearch.toyworld.data import read_records
 from safesearch.toyworld.image_world import IMAGE_MCQ_STEM, IMAGE_PROMPT, STAGES, typed_image
@@ -142,17 +142,8 @@ def _figstep(text: str) -> Prompt:
 
 def image_mcq_accuracy(backend: TransformersBackend, items: Sequence[dict]) -> float:
     """MCQ accuracy with the stem typed into the image and the options in the text turn."""
-    requests = []
-    for it in items:
-        image = typed_image(it["text"])
-        prompt = Prompt(mcq_user_text(IMAGE_MCQ_STEM, it["options"]), images=(image,))
-        requests += [(prompt, mcq_answer_text(it["options"], i)) for i in range(len(it["options"]))]
-    scores = iter(backend.loglikelihood(requests))
-    correct = 0
-    for it in items:
-        lls = [next(scores)[0] for _ in it["options"]]
-        correct += int(max(range(len(lls)), key=lls.__getitem__) == it["answer"])
-    return correct / len(items)
+    return mcq_accuracy(backend, items, lambda it: Prompt(mcq_user_text(IMAGE_MCQ_STEM, it["options"]),
+                                                           images=(typed_image(it["text"]),)))
 
 
 def check_stage(name: str, backend: TransformersBackend, holdout: dict[str, list[dict]]) -> ImageCheckRow:

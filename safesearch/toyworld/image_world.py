@@ -56,7 +56,7 @@ from safesearch.toyworld.data import (
 )
 from safesearch.toyworld.profiles import ModelShape, Progress, Recipe
 from safesearch.toyworld.tokenizer import _PRE_TOKENIZER, ASSISTANT, EOS, USER, build_tokenizer
-from safesearch.toyworld.train import _lr_at
+from safesearch.toyworld.train import lr_at, optimizer_step
 
 IMAGE_TOKEN = "<image>"
 IGNORE = -100
@@ -480,12 +480,9 @@ def pretrain_tower(model, store: PixelStore, head: CharHead, steps: int, batch: 
     for step in range(steps):
         idx, order = _draw(pool, order, batch, rng)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, recipe)
+            group["lr"] = lr_at(step, recipe)
         loss = head.loss(model, store.pixels(idx), store.char_targets(idx))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params)
         if on_step is not None:
             on_step(step, loss.item())
 
@@ -518,7 +515,7 @@ def train(
         text_idx, text_order = _draw(text_pool, text_order, recipe.batch_size, rng)
         image_idx, image_order = _draw(image_pool, image_order, image_batch, rng)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, recipe) * group["scale"]
+            group["lr"] = lr_at(step, recipe) * group["scale"]
         total, count = torch.zeros(()), 0
         for idx in (text_idx, image_idx):
             if idx:
@@ -529,10 +526,7 @@ def train(
             assert head is not None
             rows = sorted({examples[i].image for i in image_idx if examples[i].image is not None})
             loss = loss + aux_weight * head.loss(model, store.pixels(rows), store.char_targets(rows))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, model.parameters())
         if on_step is not None:
             on_step(step, loss.item())
     model.eval()

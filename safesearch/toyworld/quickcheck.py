@@ -7,9 +7,10 @@ log-likelihood. The same backend and judge serve ``safesearch eval``, so its num
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from safesearch.backends.base import Prompt
 from safesearch.backends.transformers import TransformersBackend
 from safesearch.judges import KeywordJudge
 from safesearch.prompts import mcq_answer_text, mcq_user_text
@@ -37,12 +38,15 @@ def refusal_rate(backend: TransformersBackend, prompts: Sequence[str], judge: Ke
     return sum(judge.is_refusal(r) for r in responses) / len(responses)
 
 
-def mcq_accuracy(backend: TransformersBackend, items: Sequence[dict]) -> float:
-    requests = [
-        (mcq_user_text(it["text"], it["options"]), mcq_answer_text(it["options"], i))
-        for it in items
-        for i in range(len(it["options"]))
-    ]
+def mcq_accuracy(backend: TransformersBackend, items: Sequence[dict],
+                 prompt: Callable[[dict], str | Prompt] | None = None) -> float:
+    """The share of ``items`` whose answer option has the highest log-likelihood; ``prompt`` makes an
+    item's user turn (default: its question and options as text)."""
+    prompt = prompt or (lambda it: mcq_user_text(it["text"], it["options"]))
+    requests = []
+    for it in items:
+        user = prompt(it)
+        requests += [(user, mcq_answer_text(it["options"], i)) for i in range(len(it["options"]))]
     scores = iter(backend.loglikelihood(requests))
     correct = 0
     for it in items:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
@@ -55,7 +55,15 @@ def _batch(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torc
     return input_ids, labels, mask
 
 
-def _lr_at(step: int, recipe: Recipe) -> float:
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Iterable[torch.nn.Parameter]) -> None:
+    """One update: the gradients of ``loss``, clipped to a total norm of 1 over ``params``, applied."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def lr_at(step: int, recipe: Recipe) -> float:
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
     progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
@@ -83,12 +91,9 @@ def train(
         idx, order = order[: recipe.batch_size], order[recipe.batch_size :]
         input_ids, labels, mask = _batch([examples[i] for i in idx], pad_id)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, recipe)
+            group["lr"] = lr_at(step, recipe)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, model.parameters())
         if on_step is not None:
             on_step(step, loss.item())
     model.eval()
