@@ -24,7 +24,8 @@ import yaml
 from safesearch.backends.transformers import TransformersBackend
 from safesearch.grafted import open_grafted
 from safesearch.graftspec import spec_from_dict
-from safesearch.toyworld.image_quickcheck import check_stage, format_table, load_holdout
+from safesearch.toyworld.image_quickcheck import check_stage, format_table
+from safesearch.toyworld.quickcheck import load_holdout
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "studies" / "toy-image-graft.yaml"

@@ -132,7 +132,7 @@ def build_image_and_report(out: Path, seed: int, profile: str, console: Console)
 
     check_output_dir_writable(out, "toy world")
     with interrupts.blocked():  # torch aborts the process on a signal during its native start-up
-        from safesearch.toyworld import image_build, image_world
+        from safesearch.toyworld import build, image_build, image_world
     prof = image_world.image_profile_named(profile)
     with RichProgress(console) as progress:
         result = image_build.build_image_world(out, seed, prof, progress)
@@ -140,7 +140,7 @@ def build_image_and_report(out: Path, seed: int, profile: str, console: Console)
     console.print(image_check_table(result.quickcheck, f"quick check, held-out split ({out}, seed {seed}, "
                                                        f"image-text {prof.name}{items})"))
     console.print(f"checkpoints: {', '.join(str(out / s) for s, _ in image_world.STAGES)}; table also in "
-                  f"{out / image_build.QUICKCHECK}")
+                  f"{out / build.QUICKCHECK}")
     return result
 
 

@@ -20,8 +20,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -29,7 +31,7 @@ from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizer
 
 from safesearch import __version__
 from safesearch.errors import UserError
-from safesearch.toyworld.data import corpus_texts, make_records, read_records, stage_pairs, write_records
+from safesearch.toyworld.data import corpus_texts, make_records, stage_pairs, write_records
 from safesearch.toyworld.profiles import (  # noqa: F401  (re-exported: profiles are the build's vocabulary)
     FAMILIES,
     PROFILES,
@@ -39,9 +41,12 @@ from safesearch.toyworld.profiles import (  # noqa: F401  (re-exported: profiles
     Recipe,
     profile_named,
 )
-from safesearch.toyworld.quickcheck import CheckRow, check
+from safesearch.toyworld.quickcheck import CheckRow, check, load_holdout
 from safesearch.toyworld.tokenizer import build_tokenizer
 from safesearch.toyworld.train import encode_pairs, new_model, train
+
+if TYPE_CHECKING:
+    from safesearch.backends.transformers import TransformersBackend
 
 MARKER = "toyworld.json"
 QUICKCHECK = "quickcheck.json"
@@ -167,10 +172,6 @@ def save_stage(
         raise
 
 
-def _load_holdout(data_dir: Path) -> dict[str, list[dict]]:
-    return {p.stem: read_records(p) for p in sorted((data_dir / "holdout").glob("*.jsonl"))}
-
-
 def build(
     out: Path,
     seed: int = 0,
@@ -239,29 +240,36 @@ def _stage_seed(seed: int, stage: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}-{stage}".encode()).digest()[:4], "little")
 
 
-def run_quick_check(out: Path, progress: Progress | None = None, items: int | None = None) -> list[CheckRow]:
-    """Score every stage on the held-out split (the first ``items`` of each set; None: all); reuse
-    ``quickcheck.json`` when the checkpoints and ``items`` are unchanged."""
+def cached_quick_check(
+    out: Path, stages: Sequence[str], items: int | None, row_type: type,
+    score: Callable[[str, TransformersBackend, dict[str, list[dict]]], Any], progress: Progress | None = None,
+    **fields: Any,
+) -> list:
+    """Score every stage at ``out`` on the held-out split (the first ``items`` of each set; None: all) with
+    ``score(name, backend, holdout)``, and write the rows (``row_type``) to ``quickcheck.json`` with
+    ``fields``; reuse the file while the checkpoints' weights and ``items`` are unchanged."""
     from safesearch.backends.transformers import TransformersBackend
 
     progress = progress or Progress()
-    shas = {s.name: sha256_file(out / s.name / WEIGHTS) for s in STAGES}
+    shas = {name: sha256_file(out / name / WEIGHTS) for name in stages}
     cached = out / QUICKCHECK
     if cached.is_file():
         try:
             found = json.loads(cached.read_text())
             if found.get("weights_sha256") == shas and found.get("items") == items:
-                return [CheckRow(**row) for row in found["rows"]]
-        except (json.JSONDecodeError, TypeError, KeyError):
+                return [row_type(**row) for row in found["rows"]]
+        except (ValueError, TypeError, KeyError):
             pass
-    holdout = {k: v[:items] for k, v in _load_holdout(out / "data").items()}
+    holdout = load_holdout(out, items)
     rows = []
-    for stage in STAGES:
-        progress.message(f"quick check: {stage.name}")
-        backend = TransformersBackend.from_pretrained(out / stage.name)
-        rows.append(check(stage.name, backend, holdout))
-    write_json_atomic(
-        cached,
-        {"split": "holdout", "items": items, "weights_sha256": shas, "rows": [r.as_dict() for r in rows]},
-    )
+    for name in stages:
+        progress.message(f"quick check: {name}")
+        rows.append(score(name, TransformersBackend.from_pretrained(out / name), holdout))
+    write_json_atomic(cached, {"split": "holdout", "items": items, **fields, "weights_sha256": shas,
+                               "rows": [r.as_dict() for r in rows]})
     return rows
+
+
+def run_quick_check(out: Path, progress: Progress | None = None, items: int | None = None) -> list[CheckRow]:
+    """The text world's quick check (:func:`cached_quick_check` with :func:`quickcheck.check`)."""
+    return cached_quick_check(out, [s.name for s in STAGES], items, CheckRow, check, progress)

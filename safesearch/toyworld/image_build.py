@@ -9,7 +9,6 @@ typed images are rendered only when some stage has to be trained.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,16 +18,15 @@ import transformers
 
 from safesearch.toyworld import image_world as iw
 from safesearch.toyworld.build import (
-    QUICKCHECK,
     WEIGHTS,
+    cached_quick_check,
     prepare_out,
     save_stage,
     sha256_file,
     stage_complete,
-    write_json_atomic,
 )
 from safesearch.toyworld.data import make_records, write_records
-from safesearch.toyworld.image_quickcheck import ImageCheckRow, check_stage, load_holdout
+from safesearch.toyworld.image_quickcheck import ImageCheckRow, check_stage
 from safesearch.toyworld.profiles import Progress
 
 MODALITY = "image-text"
@@ -148,28 +146,10 @@ def _train_stage(name, parent, out, pairs, store, processor, seed, profile, prog
 
 
 def run_image_quick_check(out: Path, progress: Progress | None = None, items: int | None = None) -> list[ImageCheckRow]:
-    """Score every stage on the held-out split (the first ``items`` of each set; None: all); reuse
-    ``quickcheck.json`` while the checkpoints and ``items`` are unchanged."""
-    from safesearch.backends.transformers import TransformersBackend
-
-    progress = progress or Progress()
-    shas = weights_digests(out)
-    cached = out / QUICKCHECK
-    if cached.is_file():
-        try:
-            found = json.loads(cached.read_text())
-            if found.get("weights_sha256") == shas and found.get("items") == items:
-                return [ImageCheckRow(**row) for row in found["rows"]]
-        except (ValueError, TypeError, KeyError):
-            pass
-    holdout = load_holdout(out, items)
-    rows = []
-    for name, _ in iw.STAGES:
-        progress.message(f"quick check: {name}")
-        rows.append(check_stage(name, TransformersBackend.from_pretrained(out / name), holdout))
-    write_json_atomic(cached, {"split": "holdout", "items": items, "modality": MODALITY, "weights_sha256": shas,
-                               "rows": [r.as_dict() for r in rows]})
-    return rows
+    """The image-text world's quick check (:func:`build.cached_quick_check` with
+    :func:`image_quickcheck.check_stage`)."""
+    return cached_quick_check(out, [name for name, _ in iw.STAGES], items, ImageCheckRow, check_stage, progress,
+                              modality=MODALITY)
 
 
 def weights_digests(out: Path | str) -> dict[str, str]:

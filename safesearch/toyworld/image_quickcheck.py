@@ -25,9 +25,8 @@ from safesearch.backends.transformers import TransformersBackend
 from safesearch.judges import KeywordJudge
 from safesearch.prompts import mcq_user_text
 from safesearch.toyworld import world
-from safesearch.toyworld.data import read_records
 from safesearch.toyworld.image_world import IMAGE_MCQ_STEM, IMAGE_PROMPT, STAGES, typed_image
-from safesearch.toyworld.quickcheck import mcq_accuracy
+from safesearch.toyworld.quickcheck import load_holdout, mcq_accuracy
 from safesearch.toyworld.tokenizer import words_of
 
 # Long enough for "sure , here is how to <act> : first , <step>" of the longest toy act, so reading
@@ -192,11 +191,6 @@ def check_stage(name: str, backend: TransformersBackend, holdout: dict[str, list
         image_distinct=len(set(acts)) / len(harmful),
         blind_template_read=blind_template_read([r["act"] for r in harmful]),
     )
-
-
-def load_holdout(out: Path, items: int | None, split: str = "holdout") -> dict[str, list[dict]]:
-    """The first ``items`` records of every data set of ``split`` (None: all)."""
-    return {p.stem: read_records(p)[:items] for p in sorted((Path(out) / "data" / split).glob("*.jsonl"))}
 
 
 def image_quick_check(out: Path | str, items: int | None = 100, split: str = "holdout") -> list[ImageCheckRow]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from safesearch.backends.base import Prompt
 from safesearch.backends.transformers import TransformersBackend
 from safesearch.judges import KeywordJudge
 from safesearch.prompts import mcq_answer_text, mcq_user_text
+from safesearch.toyworld.data import read_records
 
 # The toy models' answers decide a refusal in their first few words.
 MAX_NEW_TOKENS = 16
@@ -68,3 +70,8 @@ def check(name: str, backend: TransformersBackend, holdout: dict[str, list[dict]
         benign_refusal=refusal_rate(backend, [r["text"] for r in holdout["benign"]], judge),
         mcq_accuracy=mcq_accuracy(backend, holdout["mcq_medical"]),
     )
+
+
+def load_holdout(out: Path, items: int | None, split: str = "holdout") -> dict[str, list[dict]]:
+    """The first ``items`` records (None: all) of every data set of ``split`` of the world at ``out``."""
+    return {p.stem: read_records(p)[:items] for p in sorted((Path(out) / "data" / split).glob("*.jsonl"))}
